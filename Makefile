@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test` (both set up .venv first).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+
+.PHONY: setup test test-fast demo bench clean
+
+# Idempotent: re-runs only when the install recipe or the dependency list changes.
+$(VENV)/.installed: pyproject.toml tools/setup_env.sh
+	bash tools/setup_env.sh $(VENV)
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Every tier: unit (one process), distributed (2-4 gloo ranks), e2e (the CLI as a user runs it).
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow"
+
+demo: setup
+	bash tools/demo.sh $(RUN_DIR)
+
+bench: setup
+	$(PY) benchmarks/preprocess.py --output benchmarks/results/preprocess.json
+
+clean:
+	rm -rf runs .pytest_cache
