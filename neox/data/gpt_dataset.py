@@ -1,0 +1,258 @@
+"""GPT samples: windows of seq_length + 1 consecutive tokens running across document boundaries.
+
+Three index arrays (as in gpt-neox/Megatron) map a sample to tokens:
+  doc_idx     the document order: epoch after epoch, each a fresh permutation of ``documents``
+  sample_idx  [num_samples + 1, 2]: (position in doc_idx, token offset) where sample i starts;
+              sample i ends on the token where sample i + 1 starts (one token of overlap,
+              since the labels are the inputs shifted by one)
+  shuffle_idx sample order: samples are shuffled within their epoch (the epoch their first
+              token falls in), so every sample of epoch e is served before any of epoch e + 1
+They are built once per (documents' sizes, seq_length, num_samples, seed) and cached as .npy.
+Randomness comes from ``np.random.RandomState`` (a frozen stream), so every machine and numpy
+version builds the same order; asking for more samples only appends epochs and leaves the
+order of the earlier epochs unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neox.data import index_cache
+from neox.data.errors import DataError
+from neox.data.indexed import IndexedDataset
+
+__all__ = ["GPTDataset", "IndexMappings", "build_index_mappings", "num_epochs_for"]
+
+# Bump when the index construction changes: old cache files then stop matching.
+_INDEX_FORMAT = "neox-gpt-index-v1"
+_ARRAY_NAMES = ("doc_idx", "sample_idx", "shuffle_idx")
+_MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class IndexMappings:
+    doc_idx: np.ndarray  # [(num_epochs + 1) * num_documents] document ids
+    sample_idx: np.ndarray  # [num_samples + 1, 2] int64
+    shuffle_idx: np.ndarray  # [num_samples] int64
+    num_epochs: int
+
+
+def num_epochs_for(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Fewest passes whose sample starts number at least num_samples (a sample starts every
+    seq_length tokens; the last one may borrow its tail from the next pass)."""
+    if num_samples <= 0:
+        return 1
+    # ceil(E * T / s) >= N  <=>  E * T > (N - 1) * s
+    return (num_samples - 1) * seq_length // tokens_per_epoch + 1
+
+
+def build_index_mappings(
+    doc_sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int, seed: int
+) -> IndexMappings:
+    """Doc/sample/shuffle indices, vectorised within each epoch (a Python loop runs per epoch
+    only). ``doc_sizes[k]`` is the token count of ``documents[k]``."""
+    doc_sizes = np.asarray(doc_sizes, dtype=np.int64)
+    documents = np.asarray(documents, dtype=np.int64)
+    num_documents = len(documents)
+    tokens_per_epoch = int(doc_sizes.sum())
+    if tokens_per_epoch < seq_length + 1:
+        raise DataError(
+            f"{tokens_per_epoch} tokens cannot fill one sample of seq_length + 1 = {seq_length + 1}"
+        )
+    num_epochs = num_epochs_for(tokens_per_epoch, seq_length, num_samples)
+    # Each stream is drawn epoch after epoch, so asking for more epochs only appends draws.
+    doc_rng = np.random.RandomState([seed, 0])
+    sample_rng = np.random.RandomState([seed, 1])
+
+    # One pass beyond num_epochs supplies the tail of the last sample (at most seq_length
+    # tokens, fewer than one epoch holds).
+    passes = num_epochs + 1
+    order = np.empty(passes * num_documents, dtype=np.int64)
+    for epoch in range(passes):
+        order[epoch * num_documents : (epoch + 1) * num_documents] = doc_rng.permutation(num_documents)
+    doc_idx = documents[order]
+    doc_idx = doc_idx.astype(np.int32 if documents.max() < 2**31 else np.int64)
+
+    total_samples = (num_epochs * tokens_per_epoch + seq_length - 1) // seq_length
+    doc_starts = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(doc_sizes[order], out=doc_starts[1:])
+    token_starts = np.arange(total_samples + 1, dtype=np.int64) * seq_length
+    # side="right" - 1 skips empty documents: it lands on the last document starting at or before
+    # the token, which is the non-empty one holding it.
+    position = np.searchsorted(doc_starts, token_starts, side="right") - 1
+    sample_idx = np.stack([position, token_starts - doc_starts[position]], axis=1)
+
+    # A sample belongs to the epoch holding its first token; epoch e's samples are a contiguous
+    # range, shuffled on its own.
+    epoch_starts = -(-np.arange(num_epochs + 1, dtype=np.int64) * tokens_per_epoch // seq_length)
+    epoch_starts[-1] = total_samples
+    shuffle_idx = np.empty(total_samples, dtype=np.int64)
+    for epoch in range(num_epochs):
+        start, end = int(epoch_starts[epoch]), int(epoch_starts[epoch + 1])
+        shuffle_idx[start:end] = start + sample_rng.permutation(end - start)
+    return IndexMappings(doc_idx, sample_idx, shuffle_idx, num_epochs)
+
+
+def _digest(*parts: Any) -> str:
+    hasher = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        data = np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode()
+        hasher.update(len(data).to_bytes(8, "little"))
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples of ``seq_length + 1`` tokens from the sequences ``documents`` of ``indexed``.
+
+    ``documents`` index ``indexed.sizes`` (one sequence per document, as the preprocessing tool
+    writes them; the gpt-neox convention). ``len(self)`` covers whole epochs, so it is at least
+    ``num_samples``. A ``label_dataset`` must have the same sequence sizes; its tokens come
+    back under ``label`` (negative = masked from the loss).
+
+    Indices are looked up in ``cache_dir`` (if given), next to the data, then in
+    ``index_cache.default_cache_dir()``, and built into the first of those that is writable;
+    ``build_lock`` serialises concurrent builders with an fcntl lock (turn it off only on file
+    systems without locks, with a single building rank).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        indexed: IndexedDataset,
+        documents: np.ndarray,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        label_dataset: IndexedDataset | None = None,
+        build_lock: bool = True,
+    ) -> None:
+        self.name = name
+        self.indexed = indexed
+        self.label_dataset = label_dataset
+        self.seq_length = int(seq_length)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        where = f"dataset {name!r} ({indexed.prefix})"
+        documents = np.asarray(documents, dtype=np.int64)
+        self._validate(where, documents)
+        doc_sizes = np.asarray(indexed.sizes)[documents]
+        tokens = int(doc_sizes.sum(dtype=np.int64))
+        if tokens < self.seq_length + 1:
+            raise DataError(
+                f"{where} has {tokens} tokens in {len(documents)} documents, too few for one sample "
+                f"of seq_length + 1 = {self.seq_length + 1} tokens; use more data, a larger share "
+                f"in `split`, or a smaller seq_length"
+            )
+        self.tokens_per_epoch = tokens
+        self.num_epochs = num_epochs_for(tokens, self.seq_length, self.num_samples)
+        self.cache_key = _digest(
+            _INDEX_FORMAT, documents, doc_sizes.astype(np.int64), self.seq_length, self.num_samples, self.seed
+        )
+        stem = (
+            f"{Path(indexed.prefix).name}_{name}_indexmap_{self.num_samples}ns_{self.seq_length}sl_"
+            f"{self.seed}s_{self.cache_key}"
+        )
+        directories = [Path(indexed.prefix).resolve().parent, index_cache.default_cache_dir()]
+        if cache_dir is not None:
+            directories.insert(0, Path(cache_dir))
+        self.build_seconds: float | None = None
+
+        def build() -> dict[str, np.ndarray]:
+            started = time.perf_counter()
+            maps = build_index_mappings(doc_sizes, documents, self.num_samples, self.seq_length, self.seed)
+            self.build_seconds = time.perf_counter() - started
+            return {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx, "shuffle_idx": maps.shuffle_idx}
+
+        arrays, self.cache_dir = index_cache.load_or_build(
+            stem, _ARRAY_NAMES, build, directories, use_lock=build_lock
+        )
+        self.cache_stem = stem
+        self._set_arrays(arrays)
+
+    def _validate(self, where: str, documents: np.ndarray) -> None:
+        if self.seq_length < 1:
+            raise DataError(f"{where}: seq_length must be >= 1, got {self.seq_length}")
+        if self.num_samples < 0:
+            raise DataError(f"{where}: num_samples must be >= 0, got {self.num_samples}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise DataError(f"{where}: seed must lie in 0..{_MAX_SEED}, got {self.seed}")
+        if documents.ndim != 1 or len(documents) == 0:
+            raise DataError(f"{where}: documents must be a non-empty 1-D array of sequence indices")
+        if documents.min() < 0 or documents.max() >= len(self.indexed.sizes):
+            raise DataError(
+                f"{where}: document indices must lie in 0..{len(self.indexed.sizes) - 1}, got "
+                f"{documents.min()}..{documents.max()}"
+            )
+        if self.label_dataset is not None and not np.array_equal(self.label_dataset.sizes, self.indexed.sizes):
+            raise DataError(
+                f"{where}: label dataset {self.label_dataset.prefix} does not have the same sequence "
+                f"sizes as the text dataset; labels must be tokenized together with their text"
+            )
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.doc_idx = arrays["doc_idx"]
+        self.sample_idx = arrays["sample_idx"]
+        self.shuffle_idx = arrays["shuffle_idx"]
+
+    def __len__(self) -> int:
+        return len(self.shuffle_idx)
+
+    def _window(self, source: IndexedDataset, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
+        (doc_first, offset_first), (doc_last, offset_last) = first, last
+        if doc_first == doc_last:
+            return source.get(int(self.doc_idx[doc_first]), offset_first, offset_last - offset_first + 1)
+        parts = [source.get(int(self.doc_idx[doc_first]), offset_first)]
+        parts.extend(source.get(int(self.doc_idx[k])) for k in range(doc_first + 1, doc_last))
+        parts.append(source.get(int(self.doc_idx[doc_last]), 0, offset_last + 1))
+        return np.concatenate(parts)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        length = len(self)
+        if not -length <= index < length:
+            raise IndexError(f"sample {index} out of range for dataset {self.name!r} of {length} samples")
+        sample = int(self.shuffle_idx[index])
+        first = (int(self.sample_idx[sample, 0]), int(self.sample_idx[sample, 1]))
+        last = (int(self.sample_idx[sample + 1, 0]), int(self.sample_idx[sample + 1, 1]))
+        text = self._window(self.indexed, first, last).astype(np.int64)
+        if len(text) != self.seq_length + 1:
+            raise RuntimeError(
+                f"sample {index} of {self.name!r} has {len(text)} tokens, expected {self.seq_length + 1}: "
+                f"the index cache {self.cache_dir / self.cache_stem}_*.npy does not match "
+                f"{self.indexed.prefix}; delete those files to rebuild them"
+            )
+        item = {"text": text}
+        if self.label_dataset is not None:
+            item["label"] = self._window(self.label_dataset, first, last).astype(np.int64)
+        return item
+
+    # DataLoader workers started by spawn re-map the cached files instead of receiving copies.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in _ARRAY_NAMES:
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._set_arrays(
+            {
+                name: np.load(index_cache.array_path(self.cache_dir, self.cache_stem, name), mmap_mode="r")
+                for name in _ARRAY_NAMES
+            }
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"GPTDataset({self.name!r}, {self.indexed.prefix}, samples={len(self)}, "
+            f"seq_length={self.seq_length}, seed={self.seed})"
+        )
