@@ -1,0 +1,59 @@
+"""Keys handed to DeepSpeed's launcher (deepspeed.launcher.runner) and the process group backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from neox.config.errors import ConfigError
+from neox.config.fields import option
+
+
+@dataclass
+class LaunchConfig:
+    num_gpus: int | None = option(
+        None,
+        "Ranks per node (GPUs, or CPU processes on a machine without GPU). None: every GPU of each node "
+        "(the hostfile's slots), or 1 rank on a machine without GPU.",
+    )
+    num_nodes: int = option(-1, "Use the first N hosts of the hostfile; -1 uses all (1 without a hostfile).")
+    hostfile: str | None = option(None, "DeepSpeed hostfile: one 'HOST slots=N' line per node.")
+    include: str | None = option(
+        None, "Resources to use, 'HOST[:SLOT,...]@HOST...' (e.g. 'worker-0@worker-1:0,2'); excludes num_gpus/num_nodes."
+    )
+    exclude: str | None = option(None, "Resources to leave out, same format as include.")
+    master_addr: str | None = option(None, "Address of rank 0; None: 127.0.0.1 locally, the first host otherwise.")
+    master_port: int = option(29500, "TCP port of the rendezvous on master_addr.")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm"] = option(
+        "pdsh", "How DeepSpeed starts ranks on several nodes."
+    )
+    launcher_args: str | None = option(
+        None, "Extra arguments DeepSpeed passes to the multi-node launcher (e.g. srun flags)."
+    )
+    no_ssh: bool = option(
+        False, "Run `deepy` on every node yourself (no ssh): each node starts only its own ranks; needs node_rank."
+    )
+    node_rank: int = option(-1, "This node's index in the hostfile when no_ssh is set.")
+    no_ssh_check: bool = option(False, "Skip DeepSpeed's check that the first host is reachable by ssh.")
+    force_multi: bool = option(False, "Use the multi-node launcher even for a single host.")
+    distributed_backend: Literal["nccl", "gloo"] | None = option(
+        None, "torch.distributed backend; None means nccl on GPU and gloo on CPU."
+    )
+    deepspeed_extra_args: dict | None = option(
+        None, "Extra entries merged into the generated DeepSpeed JSON config (for keys this config does not model)."
+    )
+
+    def validate(self) -> None:
+        if self.num_gpus is not None and self.num_gpus < 1:
+            raise ConfigError(f"'num_gpus' must be >= 1, got {self.num_gpus}")
+        if self.num_nodes == 0 or self.num_nodes < -1:
+            raise ConfigError(f"'num_nodes' must be >= 1 or -1 (all hosts), got {self.num_nodes}")
+        if not 0 < self.master_port < 65536:
+            raise ConfigError(f"'master_port' must be a TCP port (1-65535), got {self.master_port}")
+        if self.include and self.exclude:
+            raise ConfigError("'include' and 'exclude' are mutually exclusive")
+        if (self.include or self.exclude) and (self.num_gpus is not None or self.num_nodes != -1):
+            raise ConfigError(
+                "'include'/'exclude' cannot be combined with 'num_gpus'/'num_nodes' (DeepSpeed refuses it)"
+            )
+        if self.no_ssh and self.node_rank < 0:
+            raise ConfigError("'no_ssh' needs 'node_rank' (this node's index in the hostfile)")
