@@ -2,9 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/demo
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench docs clean
 
 # Idempotent: re-runs only when the install recipe or the dependency list changes.
 $(VENV)/.installed: pyproject.toml tools/setup_env.sh
@@ -21,10 +20,14 @@ test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow"
 
 demo: setup
-	bash tools/demo.sh $(RUN_DIR)
+	bash tools/demo.sh
 
 bench: setup
 	$(PY) benchmarks/preprocess.py --output benchmarks/results/preprocess.json
+
+# The README's config reference is generated from the dataclasses (tests/unit/test_readme.py checks it).
+docs: setup
+	$(PY) -m neox.config.reference --update-readme README.md
 
 clean:
 	rm -rf runs .pytest_cache

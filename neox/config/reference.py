@@ -1,6 +1,6 @@
 """The config reference (markdown, one table per group) rendered from the dataclasses.
 
-`python -m neox.config.reference > docs/config-reference.md`: the README's key list is generated, not kept by hand.
+`python -m neox.config.reference --update-readme README.md` (`make docs`): the README's key list is generated,\nnot kept by hand.
 """
 from __future__ import annotations
 
@@ -31,9 +31,37 @@ def render_reference() -> str:
     return "\n".join(parts) + "\n"
 
 
-def main() -> None:
-    print(render_reference(), end="")
+README_START = "<!-- config-reference:start"
+README_END = "<!-- config-reference:end -->"
+
+
+def splice_into_readme(readme_text: str, reference: str) -> str:
+    """README text with the block between the two markers replaced by the reference."""
+    start = readme_text.find(README_START)
+    end = readme_text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no '{README_START} ... -->' / '{README_END}' block to fill")
+    start_line_end = readme_text.index("\n", start) + 1
+    return readme_text[:start_line_end] + reference + readme_text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m neox.config.reference", description="print the config reference")
+    parser.add_argument("--update-readme", type=Path, metavar="README", help="rewrite the generated block of README")
+    args = parser.parse_args(argv)
+    if args.update_readme is None:
+        print(render_reference(), end="")
+        return 0
+    text = splice_into_readme(args.update_readme.read_text(encoding="utf-8"), render_reference())
+    tmp = args.update_readme.with_name(f".{args.update_readme.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, args.update_readme)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ from neox.config.neox_config import GROUPS, KEY_GROUP
 from neox.config.reference import render_reference
 from neox.config.show import config_rows
 from launcher.deepy import runner_argv, split_argv
-from conftest import GPT2_MERGES, GPT2_VOCAB, REPO_ROOT
+from conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
 MODEL = """\
@@ -306,7 +306,7 @@ def test_size_configs_load_with_local_setup(name):
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (layers, hidden, heads)
     assert cfg.optim.lr == pytest.approx(lr)
     assert cfg.derived.world_size == 8 and cfg.train.train_batch_size == 32
-    assert cfg.data.vocab_file == "data/tokenizers/gpt2/vocab.json"
+    assert cfg.data.vocab_file == "runs/data/demo-tokenizer.json"
     expected_vocab = 50257 if name.startswith("llama") else 50304
     assert cfg.model.padded_vocab_size == expected_vocab
     assert cfg.optim.lr_decay_iters == cfg.train.train_iters
@@ -325,14 +325,14 @@ def test_20b_config_on_its_cluster(tmp_path):
 
 def test_tiny_cpu_local_setup_and_finetune():
     cfg = load_config(["tiny.yml", "cpu.yml", "local_setup.yml"], config_dir=CONFIGS,
-                      vocab_size=50258, local_gpus=0)
+                      vocab_size=4096, local_gpus=0)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (4, 128, 4)
     assert cfg.model.pos_emb == "rotary" and cfg.model.gpt_j_residual
     assert cfg.launch.distributed_backend == "gloo" and cfg.optim.precision == "fp32" and cfg.optim.zero_stage == 2
     assert (cfg.derived.world_size, cfg.derived.data_parallel_size, cfg.train.train_batch_size) == (2, 2, 8)
-    assert cfg.model.padded_vocab_size == 50304
-    assert (REPO_ROOT / cfg.data.vocab_file).resolve() == GPT2_VOCAB.resolve()
-    assert (REPO_ROOT / cfg.data.merge_file).resolve() == GPT2_MERGES.resolve()
+    assert cfg.model.padded_vocab_size == 4096
+    assert cfg.data.tokenizer_type == "HFTokenizer" and cfg.data.vocab_file == "runs/data/demo-tokenizer.json"
+    assert cfg.data.merge_file is None and cfg.train.train_iters == 300
     cfg = load_config(["tiny.yml", "cpu.yml", "local_setup.yml", "finetune-example.yml"], config_dir=CONFIGS,
                       local_gpus=0)
     assert cfg.train.finetune and cfg.train.load == "runs/demo/checkpoints"

@@ -1,0 +1,5 @@
+import sys
+
+from neox.train.run import main
+
+sys.exit(main())

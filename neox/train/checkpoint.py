@@ -1,0 +1,176 @@
+"""Checkpoints: DeepSpeed engine state in {save}/global_step{N}, plus what makes a run resumable and inspectable.
+
+Layout of one checkpoint:
+    {save}/global_step{N}/          DeepSpeed's files (model, optimizer / ZeRO shards, client state)
+    {save}/global_step{N}/rng/rank{R}.pt   every rank's RNG streams (dropout resumes exactly)
+    {save}/global_step{N}/config.yml       the resolved config the run was launched with
+    {save}/global_step{N}/tokenizer/       the tokenizer files
+    {save}/global_step{N}/complete.json    written last: a directory without it was cut off mid-write
+    {save}/latest                          tag of the newest complete checkpoint, replaced atomically
+
+DeepSpeed writes `latest` itself with a plain open/write before all ranks are done; we turn that off and write it
+only after the completion marker, so a checkpoint interrupted at any moment is never the one that gets loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+COMPLETE_MARKER = "complete.json"
+LATEST_FILE = "latest"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(save_dir: Path, tag: str) -> bool:
+    return (save_dir / tag / COMPLETE_MARKER).is_file()
+
+
+def complete_tags(save_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for child in save_dir.iterdir():
+        match = _TAG_RE.match(child.name)
+        if match and is_complete(save_dir, child.name):
+            found.append((int(match.group(1)), child.name))
+    return [tag for _, tag in sorted(found)]
+
+
+def resolve_load_tag(load_dir: Path, requested_iteration: int | None = None) -> str | None:
+    """The tag to resume from: the requested iteration, else `latest` if complete, else the newest complete one."""
+    if requested_iteration is not None:
+        tag = tag_for(requested_iteration)
+        if not is_complete(load_dir, tag):
+            raise CheckpointError(f"{load_dir / tag} is not a complete checkpoint (no {COMPLETE_MARKER}); "
+                                  f"complete ones: {complete_tags(load_dir) or 'none'}")
+        return tag
+    latest = load_dir / LATEST_FILE
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8").strip()
+        if tag and is_complete(load_dir, tag):
+            return tag
+    tags = complete_tags(load_dir)
+    return tags[-1] if tags else None
+
+
+# --- RNG -------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a rank draws from, as plain tensors/lists so it loads with weights_only=True."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- save / load -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What is copied next to every checkpoint besides the engine state."""
+    resolved_config: Path
+    tokenizer_files: tuple[Path, ...]
+
+
+def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], run_files: RunFiles,
+         rank: int, barrier: Callable[[], None], keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    tag = tag_for(iteration)
+    ckpt_dir = save_dir / tag
+    if rank == 0 and ckpt_dir.exists():
+        # A leftover from an interrupted save of this same step: never mix its files with the new ones.
+        shutil.rmtree(ckpt_dir)
+    barrier()
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
+    rng_file = ckpt_dir / "rng" / f"rank{rank}.pt"
+    torch.save(rng_state(), rng_file.with_suffix(".tmp"))
+    os.replace(rng_file.with_suffix(".tmp"), rng_file)
+    barrier()
+    if rank == 0:
+        shutil.copy2(run_files.resolved_config, ckpt_dir / "config.yml")
+        tok_dir = ckpt_dir / "tokenizer"
+        tok_dir.mkdir(exist_ok=True)
+        for f in run_files.tokenizer_files:
+            shutil.copy2(f, tok_dir / Path(f).name)
+        write_text_atomic(ckpt_dir / COMPLETE_MARKER,
+                          json.dumps({"iteration": iteration, "time": time.time()}) + "\n")
+        write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
+        if keep_last:
+            for old in complete_tags(save_dir)[:-keep_last]:
+                shutil.rmtree(save_dir / old, ignore_errors=True)
+    barrier()
+    return ckpt_dir
+
+
+def load(engine, load_dir: Path, tag: str, rank: int, finetune: bool) -> dict[str, Any]:
+    """Collective. Full resume restores engine, optimizer and RNG and returns the client state;
+    finetune loads the module weights only and returns {}."""
+    load_path, client_state = engine.load_checkpoint(
+        str(load_dir), tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
+        load_lr_scheduler_states=not finetune)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+    if finetune:
+        return {}
+    rng_file = load_dir / tag / "rng" / f"rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state or {}
+
+
+def check_same_architecture(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...],
+                            checkpoint: Path) -> None:
+    """Refuse a checkpoint whose model differs from the configured one, naming every mismatched key."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in keys
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with a different architecture; mismatched keys: "
+                              + "; ".join(diffs) + ". Load a matching checkpoint or fix these keys in your config.")

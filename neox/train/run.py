@@ -1,0 +1,334 @@
+"""The per-rank training program: `python -m neox.train --config RESOLVED.yml` (started by `deepy train`).
+
+Data flows one way: resolved config -> runtime -> tokenizer -> datasets -> model -> DeepSpeed engine -> loop.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neox.config.resolved import load_resolved
+from neox.config.deepspeed import deepspeed_config
+from neox.config.errors import ConfigError
+from neox.config.neox_config import NeoXConfig
+from neox.data.errors import DataError
+from neox.data.build import build_train_valid_test, split_num_samples
+from neox.data.loader import build_loader, eval_consumed_samples
+from neox.model import GPTNeoX, causal_lm_loss
+from neox.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime
+from neox.tokenizer import TokenizerError, build_tokenizer
+from neox.train import checkpoint
+from neox.train.flops import matmul_params, measure_peak_flops, train_flops_per_token
+from neox.train.metrics import MetricsSinks, build_sinks
+from neox.train.optimizer import OptimizerError, build_optimizer, set_lr
+from neox.train.schedule import LRSchedule, warmup_iters_from_fraction
+
+# Model keys that change the parameter set; a checkpoint that differs in any of them cannot be loaded.
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
+                     "norm", "gpt_j_residual", "activation", "intermediate_size", "expansion_factor",
+                     "mlp_multiple_of", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp",
+                     "no_weight_tying", "padded_vocab_size", "max_position_embeddings")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# Errors that mean "fix the config, the data or the checkpoint", reported without a traceback.
+_INPUT_ERRORS = (TrainError, checkpoint.CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides engine state that a resumed run needs: the loop position and the data cursors."""
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    evaluations_done: int = 0
+
+    def client_state(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    def __init__(self, cfg: NeoXConfig, config_path: Path, runtime: Runtime):
+        self.cfg, self.config_path, self.rt = cfg, config_path, runtime
+        train = cfg.train
+        self.micro_batch = train.train_micro_batch_size_per_gpu
+        self.grad_accum = train.gradient_accumulation_steps
+        self.global_batch = train.train_batch_size
+        self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
+        self.seq_length = cfg.model.seq_length
+
+        seed_all(train.seed)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
+        # A checkpoint of another architecture is refused before any data or model is built.
+        self.load_tag = self._checkpoint_to_load(Path(train.load)) if train.load else None
+        self.train_ds, self.valid_ds, self.test_ds = self._datasets()
+        # Identical initial weights on every rank come from the shared seed (DeepSpeed also broadcasts them).
+        model = GPTNeoX(cfg.model)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(model, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
+                                    cfg.optim.weight_decay, runtime.device.type)
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(cfg), dist_init_required=False)
+        # DeepSpeed reports the global gradient norm only from its ZeRO / fp16 / bf16 optimizers; with a plain
+        # fp32 torch optimizer (ZeRO 0) it clips without keeping the norm, so the loop measures it itself.
+        self.measure_grad_norm = self.engine.zero_optimization_stage() == 0 and cfg.optim.precision == "fp32"
+        decay_iters = cfg.optim.lr_decay_iters or train.train_iters
+        self.schedule = LRSchedule(max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                                   warmup_iters=warmup_iters_from_fraction(cfg.optim.warmup, decay_iters),
+                                   decay_iters=decay_iters, decay_style=cfg.optim.lr_decay_style)
+        self.progress = Progress()
+        if self.load_tag is not None:
+            self._load(Path(train.load), self.load_tag)
+        # Dropout streams differ per data-parallel rank, after the identical initialisation above.
+        if not train.load or train.finetune:
+            torch.manual_seed(train.seed + 1000 * self.dp_rank)
+        self.owns_metrics = runtime.rank == 0
+        self.sinks: MetricsSinks | None = None
+        if self.owns_metrics:
+            self.sinks = build_sinks(cfg.log.log_dir, cfg.log.tensorboard_dir,
+                                     cfg.log.wandb_project if cfg.log.use_wandb else None,
+                                     run_name=Path(cfg.train.save or cfg.log.log_dir or ".").name,
+                                     run_config={"config": str(config_path)})
+        self.flops_per_token = train_flops_per_token(
+            matmul_params(self.num_params, cfg.model.padded_vocab_size, cfg.model.hidden_size,
+                          tied_head=not cfg.model.no_weight_tying,
+                          learned_pos_rows=cfg.model.max_positions if cfg.model.pos_emb == "learned" else 0),
+            cfg.model.num_layers, cfg.model.hidden_size, self.seq_length)
+        self.peak_flops = cfg.log.peak_flops or self._measured_peak()
+
+    # --- set-up pieces -------------------------------------------------------------------------------------
+
+    def _datasets(self):
+        cfg, train = self.cfg, self.cfg.train
+        num_samples = split_num_samples(train.train_iters, train.eval_interval, train.eval_iters, self.global_batch)
+        labels = None
+        if cfg.data.label_data_paths:
+            labels = dict(zip(cfg.data.train_data_paths or [], cfg.data.label_data_paths))
+        # Rank 0 builds the index caches first; the others then load them (the cache also locks, this only
+        # keeps N ranks from queueing on the lock while one builds).
+        if self.rt.rank != 0:
+            barrier()
+        datasets = build_train_valid_test(
+            data_path=cfg.data.data_path, train_data_paths=cfg.data.train_data_paths,
+            valid_data_paths=cfg.data.valid_data_paths, test_data_paths=cfg.data.test_data_paths,
+            train_data_weights=cfg.data.train_data_weights, valid_data_weights=cfg.data.valid_data_weights,
+            test_data_weights=cfg.data.test_data_weights, label_data_paths=labels, split=cfg.data.split,
+            seq_length=self.seq_length, seed=train.seed, num_samples=num_samples,
+            cache_dir=cfg.data.data_cache_dir)
+        if self.rt.rank == 0:
+            barrier()
+        return datasets
+
+    def _untouched_rng(self):
+        """Run a block without advancing this rank's RNG streams, which only the training steps may draw from:
+        a resumed run restores them at the checkpoint and must then see the very draws the uninterrupted run saw,
+        so nothing that happens only at start-up (peak probe, new data iterators) may consume them."""
+        return torch.random.fork_rng(devices=[self.rt.device] if self.rt.is_cuda else [])
+
+    def _measured_peak(self) -> float:
+        with self._untouched_rng():
+            local = measure_peak_flops(dtype=torch.float32, device=self.rt.device)
+        return float(all_reduce_mean(torch.tensor(local, dtype=torch.float64)))
+
+    def _checkpoint_to_load(self, load_dir: Path) -> str | None:
+        tag = checkpoint.resolve_load_tag(load_dir)
+        if tag is None:
+            if self.cfg.train.finetune:
+                raise TrainError(f"finetune is set but {load_dir} holds no complete checkpoint")
+            return None  # a fresh run whose save == load directory: nothing to resume yet
+        saved_cfg = load_resolved(load_dir / tag / "config.yml")
+        checkpoint.check_same_architecture(dataclasses.asdict(saved_cfg.model), dataclasses.asdict(self.cfg.model),
+                                           ARCHITECTURE_KEYS, load_dir / tag)
+        return tag
+
+    def _load(self, load_dir: Path, tag: str) -> None:
+        state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=self.cfg.train.finetune)
+        if not self.cfg.train.finetune:
+            self.progress = Progress(**{k: state[k] for k in dataclasses.asdict(Progress())})
+        if self.rt.rank == 0:
+            mode = "weights only (finetune)" if self.cfg.train.finetune else f"resuming at iteration {self.progress.iteration}"
+            print(f"loaded checkpoint {load_dir / tag}: {mode}", flush=True)
+
+    def _loader(self, dataset, consumed: int):
+        # torch's DataLoader draws a worker base seed from the global torch RNG each time an iterator is made; a
+        # resumed run makes its train iterator at the checkpoint's step, the uninterrupted run does not.
+        with self._untouched_rng():
+            return build_loader(dataset, consumed_samples=consumed, micro_batch_size=self.micro_batch,
+                                global_batch_size=self.global_batch, dp_rank=self.dp_rank,
+                                dp_size=self.dp_size, eod_token=self.tokenizer.eod,
+                                eod_mask_loss=self.cfg.data.eod_mask_loss, num_workers=self.cfg.data.num_workers)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def _micro_loss(self, batch) -> torch.Tensor:
+        device = self.rt.device
+        logits = self.engine(batch["tokens"].to(device), position_ids=batch["position_ids"].to(device))
+        return causal_lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device))
+
+    def train_step(self, data_iter) -> tuple[float, float | None]:
+        set_lr(self.engine.optimizer, self.schedule.lr_at(self.progress.iteration))
+        losses = []
+        own_grad_norm = None
+        for micro in range(self.grad_accum):
+            loss = self._micro_loss(next(data_iter))
+            self.engine.backward(loss)
+            if micro == self.grad_accum - 1 and self.measure_grad_norm:
+                own_grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()
+            losses.append(loss.detach())
+        mean_loss = all_reduce_mean(torch.stack(losses).mean().float())
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_grad_norm
+        self.progress.iteration += 1
+        self.progress.consumed_train_samples += self.global_batch
+        return float(mean_loss), (None if grad_norm is None else float(grad_norm))
+
+    @torch.no_grad()
+    def evaluate(self, dataset, consumed: int, iters: int) -> float:
+        self.engine.eval()
+        data_iter = self._loader(dataset, consumed)
+        losses = [self._micro_loss(next(data_iter)) for _ in range(iters * self.grad_accum)]
+        self.engine.train()
+        return float(all_reduce_mean(torch.stack(losses).mean().float()))
+
+    def validate(self) -> dict:
+        train = self.cfg.train
+        consumed = eval_consumed_samples(self.progress.evaluations_done, train.eval_iters, self.global_batch)
+        loss = self.evaluate(self.valid_ds, consumed, train.eval_iters)
+        self.progress.evaluations_done += 1
+        return {"iteration": self.progress.iteration, "valid_loss": loss, "valid_ppl": _ppl(loss)}
+
+    def save(self) -> None:
+        train = self.cfg.train
+        run_files = checkpoint.RunFiles(self.config_path, tuple(self.tokenizer.files()))
+        path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, self.progress.client_state(),
+                               run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints)
+        if self.rt.rank == 0:
+            print(f"saved checkpoint {path}", flush=True)
+
+    def run(self) -> None:
+        cfg, train, log = self.cfg, self.cfg.train, self.cfg.log
+        if self.progress.iteration >= train.train_iters:
+            print(f"nothing to do: checkpoint is at iteration {self.progress.iteration} >= train_iters", flush=True)
+            return
+        self.engine.train()
+        data_iter = self._loader(self.train_ds, self.progress.consumed_train_samples)
+        start = time.perf_counter()
+        window_start, window_steps, window_losses = time.perf_counter(), 0, []
+        last_saved = self.progress.iteration
+        while self.progress.iteration < train.train_iters:
+            loss, grad_norm = self.train_step(data_iter)
+            window_steps += 1
+            window_losses.append(loss)
+            it = self.progress.iteration
+            if it % log.log_interval == 0 or it == train.train_iters:
+                elapsed = time.perf_counter() - window_start
+                self._log(self._train_record(window_losses, grad_norm, elapsed / window_steps,
+                                             time.perf_counter() - start))
+                window_start, window_steps, window_losses = time.perf_counter(), 0, []
+            if self.valid_ds is not None and train.eval_iters > 0 and it % train.eval_interval == 0:
+                self._log(self.validate())
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if train.save and train.save_interval and it % train.save_interval == 0:
+                self.save()
+                last_saved = it
+                window_start = time.perf_counter()
+        if train.save and last_saved != self.progress.iteration:
+            self.save()
+        if self.test_ds is not None and train.eval_iters > 0:
+            loss = self.evaluate(self.test_ds, 0, train.eval_iters)
+            self._log({"iteration": self.progress.iteration, "test_loss": loss, "test_ppl": _ppl(loss)})
+
+    def _train_record(self, losses: list[float], grad_norm: float | None, step_time: float, elapsed: float) -> dict:
+        tokens_per_sec = self.global_batch * self.seq_length / step_time
+        flops_per_rank = self.flops_per_token * tokens_per_sec / self.rt.world_size
+        return {
+            "iteration": self.progress.iteration,
+            "lm_loss": sum(losses) / len(losses),
+            "lr": self.schedule.lr_at(self.progress.iteration - 1),
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "tokens_per_sec_per_rank": tokens_per_sec / self.rt.world_size,
+            "samples_per_sec": self.global_batch / step_time,
+            "tflops": flops_per_rank * self.rt.world_size / 1e12,
+            "tflops_per_rank": flops_per_rank / 1e12,
+            "mfu": flops_per_rank / self.peak_flops,
+            "step_time_s": step_time,
+            "consumed_samples": self.progress.consumed_train_samples,
+            "elapsed_s": elapsed,
+        }
+
+    def _log(self, record: dict) -> None:
+        if self.sinks is not None:
+            self.sinks.write(record)
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients, read after the boundary backward (ZeRO 0 has all-reduced them by then)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m neox.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="resolved config written by `deepy train`")
+    # DeepSpeed's launcher appends --local_rank unless told not to; LOCAL_RANK in the environment is what we read.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        return _train(args)
+    except _INPUT_ERRORS as err:
+        # One paragraph per failing rank, no traceback; the launcher stops the other ranks on a non-zero exit.
+        print(f"neox.train: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_resolved(args.config)
+    if cfg.parallel.model_parallel_size > 1 or cfg.parallel.pipe_parallel_size > 1:
+        raise TrainError("model_parallel_size / pipe_parallel_size > 1 are applied by neox.parallel, "
+                         "which this build of the trainer does not wire in yet")
+    runtime = init_runtime(cfg.launch.distributed_backend)
+    if runtime.world_size != cfg.derived.world_size:
+        raise TrainError(f"{runtime.world_size} ranks were started but {args.config} was resolved for "
+                         f"world_size {cfg.derived.world_size} (num_gpus x nodes): the batch arithmetic would be "
+                         "wrong. Launch with `deepy train`, or start as many ranks as num_gpus says.")
+    trainer = Trainer(cfg, args.config, runtime)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
