@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import tiktoken
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -108,6 +109,14 @@ class ByteLevelBPETokenizer:
         if self.specials_in_text:
             return self._encoding.encode(text, allowed_special=self._allowed_special, disallowed_special=())
         return self._encoding.encode_ordinary(text)
+
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array. On the tiktoken path no Python int list is built, which is the part
+        of encoding that holds the GIL, so preprocessing threads scale."""
+        if self._encoding is None:
+            return np.asarray(self.encode(text), dtype=np.uint32)
+        # With no special tokens allowed, an empty allowed set + nothing disallowed is encode_ordinary.
+        return self._encoding.encode_to_numpy(text, allowed_special=self._allowed_special, disallowed_special=())
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         num_threads = check_threads(num_threads)

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import sentencepiece
@@ -419,3 +420,11 @@ def test_tokenizer_json_fast_path_equals_hf_on_whole_bench_corpus(bench_corpus, 
             assert got == want, f"trained tokenizer.json differs on bench document {documents + index}"
         documents += len(chunk)
     assert documents == 20120
+
+
+@pytest.mark.parametrize("tokenizer_type", ["GPT2BPETokenizer", "HFGPT2Tokenizer"])
+def test_encode_numpy_equals_encode(tokenizer_type):
+    tok = build_tokenizer(tokenizer_type, GPT2_VOCAB, GPT2_MERGES)
+    for text in ["Hello world", "a <|endoftext|> b <|padding|>", "  \n\t spaces  ", "", "naïve 🚀 café"]:
+        arr = tok.encode_numpy(text)
+        assert arr.dtype == np.uint32 and arr.tolist() == tok.encode(text), text
