@@ -120,8 +120,10 @@ class RunFiles:
 
 
 def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], run_files: RunFiles,
-         rank: int, barrier: Callable[[], None], keep_last: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+         rank: int, barrier: Callable[[], None], keep_last: int | None = None,
+         write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. write_extra(ckpt_dir), called on
+    every rank after the engine state, adds files that must exist before the checkpoint counts as complete."""
     tag = tag_for(iteration)
     ckpt_dir = save_dir / tag
     if rank == 0 and ckpt_dir.exists():
@@ -133,6 +135,8 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
     rng_file = ckpt_dir / "rng" / f"rank{rank}.pt"
     torch.save(rng_state(), rng_file.with_suffix(".tmp"))
     os.replace(rng_file.with_suffix(".tmp"), rng_file)
+    if write_extra is not None:
+        write_extra(ckpt_dir)
     barrier()
     if rank == 0:
         shutil.copy2(run_files.resolved_config, ckpt_dir / "config.yml")

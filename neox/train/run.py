@@ -18,19 +18,24 @@ import numpy as np
 import torch
 
 from neox.config.resolved import load_resolved
-from neox.config.deepspeed import deepspeed_config
 from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
 from neox.data.errors import DataError
 from neox.data.build import build_train_valid_test, split_num_samples
 from neox.data.loader import build_loader, eval_consumed_samples
-from neox.model import GPTNeoX, causal_lm_loss
+from neox.model import GPTNeoX
+from neox.parallel.engine import ParallelTrainEngine, is_model_parallel
+from neox.parallel import layout_state
 from neox.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime
+from neox.parallel.rng import dropout_seed
+from neox.parallel.topology import build_topology
 from neox.tokenizer import TokenizerError, build_tokenizer
+from neox.checkpoint.consolidated import is_consolidated, read_consolidated
 from neox.train import checkpoint
 from neox.train.flops import matmul_params, measure_peak_flops, train_flops_per_token
 from neox.train.metrics import MetricsSinks, build_sinks
-from neox.train.optimizer import OptimizerError, build_optimizer, set_lr
+from neox.train.engine import TrainEngine
+from neox.train.optimizer import OptimizerError
 from neox.train.schedule import LRSchedule, warmup_iters_from_fraction
 
 # Model keys that change the parameter set; a checkpoint that differs in any of them cannot be loaded.
@@ -72,7 +77,9 @@ class Trainer:
         self.micro_batch = train.train_micro_batch_size_per_gpu
         self.grad_accum = train.gradient_accumulation_steps
         self.global_batch = train.train_batch_size
-        self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
+        # dp x tp x pp process groups; tp ranks of one dp replica read the same micro-batches.
+        self.topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
+        self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
         self.seq_length = cfg.model.seq_length
 
         seed_all(train.seed)
@@ -82,16 +89,14 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         # Identical initial weights on every rank come from the shared seed (DeepSpeed also broadcasts them).
         model = GPTNeoX(cfg.model)
+        if train.load and train.finetune and is_consolidated(train.load):
+            self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())
-        optimizer = build_optimizer(model, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
-                                    cfg.optim.weight_decay, runtime.device.type)
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg), dist_init_required=False)
-        # DeepSpeed reports the global gradient norm only from its ZeRO / fp16 / bf16 optimizers; with a plain
-        # fp32 torch optimizer (ZeRO 0) it clips without keeping the norm, so the loop measures it itself.
-        self.measure_grad_norm = self.engine.zero_optimization_stage() == 0 and cfg.optim.precision == "fp32"
+        if is_model_parallel(self.topo):
+            self.train_engine = ParallelTrainEngine(cfg, model, runtime.device, self.topo)
+        else:
+            self.train_engine = TrainEngine(cfg, model, runtime.device)
+        self.engine = self.train_engine.engine
         decay_iters = cfg.optim.lr_decay_iters or train.train_iters
         self.schedule = LRSchedule(max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                    warmup_iters=warmup_iters_from_fraction(cfg.optim.warmup, decay_iters),
@@ -99,9 +104,10 @@ class Trainer:
         self.progress = Progress()
         if self.load_tag is not None:
             self._load(Path(train.load), self.load_tag)
-        # Dropout streams differ per data-parallel rank, after the identical initialisation above.
-        if not train.load or train.finetune:
-            torch.manual_seed(train.seed + 1000 * self.dp_rank)
+        # Dropout streams differ per data-parallel rank, after the identical initialisation above. A resumed run
+        # has restored them instead; `load` naming a still-empty directory (save == load) is a fresh run.
+        if self.load_tag is None or train.finetune:
+            torch.manual_seed(dropout_seed(train.seed, self.topo))
         self.owns_metrics = runtime.rank == 0
         self.sinks: MetricsSinks | None = None
         if self.owns_metrics:
@@ -147,10 +153,20 @@ class Trainer:
 
     def _measured_peak(self) -> float:
         with self._untouched_rng():
-            local = measure_peak_flops(dtype=torch.float32, device=self.rt.device)
+            dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.optim.precision, torch.float32)
+            local = measure_peak_flops(dtype=dtype, device=self.rt.device)
         return float(all_reduce_mean(torch.tensor(local, dtype=torch.float64)))
 
     def _checkpoint_to_load(self, load_dir: Path) -> str | None:
+        if is_consolidated(load_dir):
+            # Weights only (an imported or exported model): they go into the model before the engine is built.
+            if not self.cfg.train.finetune:
+                raise TrainError(f"{load_dir} is a consolidated model (weights only, no optimizer state): set "
+                                 "'finetune: true' to start training from it")
+            saved_cfg = load_resolved(load_dir / "config.yml")
+            checkpoint.check_same_architecture(dataclasses.asdict(saved_cfg.model),
+                                               dataclasses.asdict(self.cfg.model), ARCHITECTURE_KEYS, load_dir)
+            return None
         tag = checkpoint.resolve_load_tag(load_dir)
         if tag is None:
             if self.cfg.train.finetune:
@@ -161,13 +177,41 @@ class Trainer:
                                            ARCHITECTURE_KEYS, load_dir / tag)
         return tag
 
+    def _load_consolidated(self, model: GPTNeoX, load_dir: Path) -> None:
+        _, weights = read_consolidated(load_dir)
+        model.load_state_dict(weights, strict=True)
+        if self.rt.rank == 0:
+            print(f"loaded consolidated model {load_dir}: weights only (finetune)", flush=True)
+
     def _load(self, load_dir: Path, tag: str) -> None:
-        state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=self.cfg.train.finetune)
+        saved_layout = layout_state.layout_of(load_resolved(load_dir / tag / "config.yml"))
+        if saved_layout != layout_state.layout_of(self.cfg):
+            state = self._load_other_layout(load_dir / tag, saved_layout)
+        else:
+            state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=self.cfg.train.finetune)
         if not self.cfg.train.finetune:
             self.progress = Progress(**{k: state[k] for k in dataclasses.asdict(Progress())})
         if self.rt.rank == 0:
             mode = "weights only (finetune)" if self.cfg.train.finetune else f"resuming at iteration {self.progress.iteration}"
             print(f"loaded checkpoint {load_dir / tag}: {mode}", flush=True)
+
+    def _load_other_layout(self, ckpt_dir: Path, saved_layout: dict) -> dict:
+        """Resume (or finetune) from a checkpoint written at another tp/pp/dp/ZeRO layout."""
+        finetune = self.cfg.train.finetune
+        full = layout_state.read_layout_free_state(ckpt_dir)
+        layout_state.load_layout_free_state(self.engine, layout_state.param_names_of(self.train_engine), self.topo,
+                                            full, weights_only=finetune)
+        if self.rt.rank == 0:
+            print(f"{ckpt_dir} was written at {saved_layout}; loaded its layout-free state at "
+                  f"{layout_state.layout_of(self.cfg)}", flush=True)
+        if finetune:
+            return {}
+        iteration = full.client_state["iteration"]
+        self.engine.global_steps = iteration
+        self.engine.global_samples = full.client_state["consumed_train_samples"]
+        # Per-rank RNG files belong to the old ranks: dropout streams restart, seeded by dp rank and step.
+        torch.manual_seed(dropout_seed(self.cfg.train.seed, self.topo) + 7919 * iteration)
+        return full.client_state
 
     def _loader(self, dataset, consumed: int):
         # torch's DataLoader draws a worker base seed from the global torch RNG each time an iterator is made; a
@@ -181,25 +225,12 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------------
 
     def _micro_loss(self, batch) -> torch.Tensor:
-        device = self.rt.device
-        logits = self.engine(batch["tokens"].to(device), position_ids=batch["position_ids"].to(device))
-        return causal_lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device))
+        return self.train_engine.micro_loss(batch)
 
     def train_step(self, data_iter) -> tuple[float, float | None]:
-        set_lr(self.engine.optimizer, self.schedule.lr_at(self.progress.iteration))
-        losses = []
-        own_grad_norm = None
-        for micro in range(self.grad_accum):
-            loss = self._micro_loss(next(data_iter))
-            self.engine.backward(loss)
-            if micro == self.grad_accum - 1 and self.measure_grad_norm:
-                own_grad_norm = _grad_norm(self.engine.module)
-            self.engine.step()
-            losses.append(loss.detach())
-        mean_loss = all_reduce_mean(torch.stack(losses).mean().float())
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = own_grad_norm
+        rank_loss, grad_norm = self.train_engine.step(data_iter, self.grad_accum,
+                                                      self.schedule.lr_at(self.progress.iteration))
+        mean_loss = all_reduce_mean(rank_loss)
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.global_batch
         return float(mean_loss), (None if grad_norm is None else float(grad_norm))
@@ -208,7 +239,10 @@ class Trainer:
     def evaluate(self, dataset, consumed: int, iters: int) -> float:
         self.engine.eval()
         data_iter = self._loader(dataset, consumed)
-        losses = [self._micro_loss(next(data_iter)) for _ in range(iters * self.grad_accum)]
+        if isinstance(self.train_engine, ParallelTrainEngine):
+            losses = [self.train_engine.eval_loss(data_iter, iters, self.grad_accum)]
+        else:
+            losses = [self._micro_loss(next(data_iter)) for _ in range(iters * self.grad_accum)]
         self.engine.train()
         return float(all_reduce_mean(torch.stack(losses).mean().float()))
 
@@ -222,8 +256,16 @@ class Trainer:
     def save(self) -> None:
         train = self.cfg.train
         run_files = checkpoint.RunFiles(self.config_path, tuple(self.tokenizer.files()))
-        path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, self.progress.client_state(),
-                               run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints)
+        # Besides DeepSpeed's layout-bound files, a layout-free copy lets any (tp, pp, dp, ZeRO) layout resume.
+        client_state = self.progress.client_state()
+
+        def write_layout_free(ckpt_dir: Path) -> None:
+            layout_state.save_layout_free_state(ckpt_dir, self.engine, layout_state.param_names_of(self.train_engine),
+                                                self.topo, client_state)
+
+        path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, client_state,
+                               run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
+                               write_extra=write_layout_free)
         if self.rt.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
 
@@ -288,12 +330,6 @@ class Trainer:
             self.sinks.close()
 
 
-def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients, read after the boundary backward (ZeRO 0 has all-reduced them by then)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
 def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
@@ -314,9 +350,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_resolved(args.config)
-    if cfg.parallel.model_parallel_size > 1 or cfg.parallel.pipe_parallel_size > 1:
-        raise TrainError("model_parallel_size / pipe_parallel_size > 1 are applied by neox.parallel, "
-                         "which this build of the trainer does not wire in yet")
     runtime = init_runtime(cfg.launch.distributed_backend)
     if runtime.world_size != cfg.derived.world_size:
         raise TrainError(f"{runtime.world_size} ranks were started but {args.config} was resolved for "

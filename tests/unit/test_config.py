@@ -340,7 +340,7 @@ def test_tiny_cpu_local_setup_and_finetune():
 
 
 def test_every_shipped_config_is_covered():
-    covered = set(SIZES) | {"20B", "tiny", "cpu", "local_setup", "finetune-example"}
+    covered = set(SIZES) | {"20B", "tiny", "cpu", "local_setup", "finetune-example", "cpu-3d", "3d-13B-64gpu"}
     assert {p.stem for p in CONFIGS.glob("*.yml")} == covered
 
 

@@ -1,0 +1,235 @@
+"""Training state that any layout can resume from: weights, Adam moments and step count per GPTNeoX parameter.
+
+DeepSpeed's own files are tied to the layout that wrote them (tp files, pipeline layer files, ZeRO partitions over
+dp). Next to them every checkpoint gets
+
+    global_stepN/layout_free/pp{S}-tp{T}.pt    one file per (pipeline stage, tp rank), written by dp rank 0
+
+holding that rank's parameters in single-device names (tp shards as they are; stages disjoint) with the full,
+dp-gathered fp32 value, exp_avg and exp_avg_sq, plus the optimizer step and the loop's client state. Reading
+merges the tp shards with the sharding plan (neox/parallel/sharding.py) and the stages into one single-device
+state; loading slices it for the new layout and writes weights and moments into the new engine. So
+tp=2,pp=2 -> tp=1,pp=1 (and any other change of tp, pp, dp or ZeRO stage 0-2) resumes exactly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neox.parallel.sharding import ShardingError, merge_state_dicts, shard_tensor
+from neox.parallel.topology import Topology
+from neox.train.checkpoint import CheckpointError
+
+STATE_DIR = "layout_free"
+FORMAT = "neox-layout-free/1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_TIED_HEAD, _EMBEDDING = "head.weight", "embedding.word_embeddings.weight"
+
+
+class LayoutStateError(CheckpointError):
+    pass
+
+
+@dataclass
+class FullState:
+    """Single-device training state: name -> tensor for the weights and each Adam moment."""
+    step: float
+    client_state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # moment -> name -> tensor
+
+
+def _file(ckpt_dir: Path, pp_rank: int, tp_rank: int) -> Path:
+    return ckpt_dir / STATE_DIR / f"pp{pp_rank:02d}-tp{tp_rank:02d}.pt"
+
+
+def _owned(engine) -> list[torch.nn.Parameter]:
+    # A pipeline stage's copy of a tied weight is a replica of the first owner's: saved once, by the owner.
+    return [p for p in engine.module.parameters() if not getattr(p, "ds_pipe_replicated", False)]
+
+
+def _wrapper(engine):
+    """DeepSpeed's optimizer wrapper (ZeRO 1-3, or the bf16 optimizer), or None for a plain torch optimizer."""
+    return engine.optimizer if hasattr(engine.optimizer, "optimizer") else None
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    wrapper = _wrapper(engine)
+    return wrapper.optimizer if wrapper is not None else engine.optimizer
+
+
+def _wrapped(param: torch.nn.Parameter) -> bool:
+    """The fp32 value and Adam state of this parameter live in a wrapper's flat partitions."""
+    # Every parameter of a wrapper has the attribute; it is None where the slice lies on another dp rank, and the
+    # gather is collective, so the attribute's presence (not its value) decides.
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _optimizer_step(engine) -> float:
+    for state in _torch_optimizer(engine).state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def _full_values(engine, param: torch.nn.Parameter) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(fp32 weight, {moment: value}) of one parameter, gathered over dp (collective over the dp group)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if not _wrapped(param):
+        state = _torch_optimizer(engine).state.get(param, {})
+        return param.detach().float().cpu().clone(), {k: state[k].detach().float().cpu().clone()
+                                                       for k in MOMENTS if k in state}
+    weight = safe_get_full_fp32_param(param)
+    moments = {}
+    for key in MOMENTS:
+        value = safe_get_full_optimizer_state(param, key)
+        if value is not None:
+            moments[key] = value.detach().float().cpu().clone()
+    return weight.detach().float().cpu().clone(), moments
+
+
+def save_layout_free_state(ckpt_dir: Path, engine, param_names: dict[int, str], topo: Topology,
+                           client_state: dict[str, Any]) -> None:
+    """Collective: every rank calls it (ZeRO gathers over dp); dp rank 0 of each (stage, tp rank) writes."""
+    wrapper = _wrapper(engine)
+    if wrapper is not None and hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 and the bf16 optimizer link each parameter to its slice of the Adam state after the first step
+        # of *one* param group, possibly before the other groups have state (seen with pipelines): link again.
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
+    for param in _owned(engine):
+        name = param_names[id(param)]
+        weights[name], param_moments = _full_values(engine, param)
+        for key, value in param_moments.items():
+            moments[key][name] = value
+    if topo.dp_rank != 0:
+        return
+    path = _file(ckpt_dir, topo.pp_rank, topo.tp_rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "tp_rank": topo.tp_rank, "tp_size": topo.tp_size, "pp_rank": topo.pp_rank,
+               "pp_size": topo.pp_size, "step": _optimizer_step(engine), "client_state": dict(client_state),
+               "weights": weights, "moments": moments}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def has_layout_free_state(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / STATE_DIR).is_dir() and any((ckpt_dir / STATE_DIR).glob("pp*-tp*.pt"))
+
+
+def read_layout_free_state(ckpt_dir: Path) -> FullState:
+    """Merge every (stage, tp rank) file of a checkpoint into the single-device state."""
+    files = sorted((ckpt_dir / STATE_DIR).glob("pp*-tp*.pt"))
+    if not files:
+        raise LayoutStateError(f"{ckpt_dir} has no {STATE_DIR}/ files: it was written before layout-free state "
+                               "existed, so it can only be resumed at the layout that wrote it")
+    payloads = [torch.load(f, weights_only=True) for f in files]
+    tp_size, pp_size = payloads[0]["tp_size"], payloads[0]["pp_size"]
+    by_coord = {(p["pp_rank"], p["tp_rank"]): p for p in payloads}
+    missing = [f"pp{s:02d}-tp{t:02d}.pt" for s in range(pp_size) for t in range(tp_size) if (s, t) not in by_coord]
+    if missing or any(p.get("format") != FORMAT for p in payloads):
+        raise LayoutStateError(f"{ckpt_dir / STATE_DIR} is incomplete or of another format (missing {missing}); "
+                               "resume from another checkpoint")
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
+    try:
+        for stage in range(pp_size):
+            shards = [by_coord[(stage, t)] for t in range(tp_size)]
+            weights.update(merge_state_dicts([s["weights"] for s in shards]))
+            for key in MOMENTS:
+                if shards[0]["moments"].get(key):
+                    moments[key].update(merge_state_dicts([s["moments"][key] for s in shards]))
+    except ShardingError as err:
+        raise LayoutStateError(f"{ckpt_dir / STATE_DIR}: {err}") from err
+    first = by_coord[(0, 0)]
+    return FullState(step=first["step"], client_state=first["client_state"], weights=weights, moments=moments)
+
+
+def consolidated_weights(ckpt_dir: Path, tied_head: bool) -> dict[str, torch.Tensor]:
+    """The single-device state dict (GPTNeoX.state_dict() keys) of a checkpoint at any layout."""
+    weights = dict(read_layout_free_state(ckpt_dir).weights)
+    if tied_head:
+        weights[_TIED_HEAD] = weights[_EMBEDDING]
+    return weights
+
+
+def _fresh_wrapper_states(wrapper, step: float) -> None:
+    """ZeRO 1/2 create Adam state lazily at the first step; make it now to fill it in."""
+    for flat in wrapper.single_partition_of_fp32_groups:
+        wrapper.optimizer.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                         "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    wrapper._hp_optimizer_states_linked = False
+    wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def load_layout_free_state(engine, param_names: dict[int, str], topo: Topology, full: FullState,
+                           weights_only: bool = False) -> None:
+    """Write this rank's slice of `full` into the engine's parameters (and, unless weights_only, the Adam
+    moments and step). Not collective."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params = list(engine.module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        raise LayoutStateError("a checkpoint of another layout cannot be loaded into a ZeRO-3 engine, which keeps "
+                               "weights and Adam state in its own partitions: resume at zero_optimization.stage 0, 1 "
+                               "or 2 (the checkpoint itself may come from any stage)")
+    unknown = [param_names.get(id(p), "?") for p in params if param_names.get(id(p)) not in full.weights]
+    if unknown:
+        raise LayoutStateError(f"the checkpoint's layout-free state lacks {unknown[:5]}: it is of another model")
+    wrapper = _wrapper(engine)
+    if wrapper is not None and not hasattr(wrapper, "single_partition_of_fp32_groups"):
+        # DeepSpeed's bf16 optimizer (bf16 with ZeRO 0): its restored moments do not take (the loss departs after
+        # the first resumed step), so it is refused rather than resumed wrongly.
+        raise LayoutStateError("a checkpoint of another layout cannot be loaded into DeepSpeed's bf16 optimizer "
+                               "(precision bfloat16 with zero_optimization.stage 0): resume with "
+                               "zero_optimization.stage 1 or 2 (or fp32); the checkpoint may come from any of them")
+    restore_moments = not weights_only and bool(full.moments.get("exp_avg"))
+    if wrapper is not None and restore_moments:
+        _fresh_wrapper_states(wrapper, full.step)
+    for param in params:
+        name = param_names[id(param)]
+        value = shard_tensor(name, full.weights[name], topo.tp_rank, topo.tp_size)
+        if value.shape != param.shape:
+            raise LayoutStateError(f"{name}: checkpoint shard {tuple(value.shape)} vs model {tuple(param.shape)} "
+                                   f"at tp rank {topo.tp_rank}/{topo.tp_size}")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        if _wrapped(param):
+            safe_set_full_fp32_param(param, value.to(param.device))
+        if not restore_moments or name not in full.moments["exp_avg"]:
+            continue
+        moments = {k: shard_tensor(name, full.moments[k][name], topo.tp_rank, topo.tp_size).to(param.device)
+                   for k in MOMENTS}
+        if _wrapped(param):
+            for key, moment in moments.items():
+                safe_set_full_optimizer_state(param, moment, key)
+        else:
+            optimizer = _torch_optimizer(engine)
+            fused = any(g.get("fused") for g in optimizer.param_groups)
+            step_device = param.device if fused else torch.device("cpu")
+            optimizer.state[param] = {"step": torch.tensor(full.step, dtype=torch.float32, device=step_device),
+                                      **moments}
+
+
+def layout_of(cfg) -> dict[str, int]:
+    """What DeepSpeed's own checkpoint files depend on; a change in any of these resumes from layout-free state."""
+    return {"model_parallel_size": cfg.parallel.model_parallel_size,
+            "pipe_parallel_size": cfg.parallel.pipe_parallel_size,
+            "data_parallel_size": cfg.derived.data_parallel_size,
+            "zero_stage": cfg.optim.zero_stage}
+
+
+def param_names_of(train_engine) -> dict[int, str]:
+    """id(parameter) -> single-device name; a parallel engine records them before wrapping the model."""
+    names = getattr(train_engine, "param_names", None)
+    if names is None:
+        names = {id(p): n for n, p in train_engine.engine.module.named_parameters()}
+    return names

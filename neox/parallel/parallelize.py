@@ -1,0 +1,126 @@
+"""Apply tensor parallelism to a single-device GPTNeoX, in one ordered place (the model file knows nothing of it).
+
+Order: check sizes divide -> swap column/row-parallel linears by module name -> make attention count local
+heads -> vocab-parallel embedding -> vocab-parallel head (tied to the embedding shard when weights are tied)
+-> mark tp-replicated parameters (norms, row-parallel biases) so the gradient norm counts them once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from neox.model import GPTNeoX, causal_lm_loss
+from neox.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
+from neox.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                  VocabParallelHead, mark_parallel, shard_rows, vocab_parallel_lm_loss)
+from neox.parallel.topology import Topology, check_model_divides
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _swap(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, new)
+
+
+def apply_tensor_parallel(model: GPTNeoX, topo: Topology) -> GPTNeoX:
+    """In place; returns the model. With tp 1 only the parameter marks are set."""
+    cfg = model.cfg
+    tp, rank, group = topo.tp_size, topo.tp_rank, topo.tp_group
+    check_model_divides(cfg, tp, topo.pp_size)
+    if tp > 1:
+        for block in model.blocks:
+            for name, module in list(block.named_modules()):
+                if not isinstance(module, nn.Linear):
+                    continue
+                if name in COLUMN_PARALLEL:
+                    _swap(block, name, ColumnParallelLinear(module, group, rank, tp))
+                elif name in ROW_PARALLEL:
+                    _swap(block, name, RowParallelLinear(module, group, rank, tp))
+            attn = block.attention
+            attn.num_heads //= tp
+            attn.kv_heads //= tp
+            if attn.alibi_slopes is not None:
+                attn.alibi_slopes = attn.alibi_slopes.chunk(tp)[rank].clone()
+        tied = model.head.weight is model.embedding.word_embeddings.weight
+        embedding = VocabParallelEmbedding(model.embedding.word_embeddings, group, rank, tp)
+        model.embedding.word_embeddings = embedding
+        if tied:
+            head_weight = embedding.weight
+        else:
+            head_weight = mark_parallel(nn.Parameter(shard_rows(model.head.weight.data, rank, tp)), True, rank)
+        model.head = VocabParallelHead(head_weight, group, embedding.vocab_start)
+    for param in model.parameters():
+        if not hasattr(param, "neox_tp_sharded"):
+            mark_parallel(param, False, rank)
+    return model
+
+
+def lm_loss_fn(topo: Topology, padded_vocab_size: int) -> LossFn:
+    """The loss for this layout's logits: plain cross entropy, or vocab-parallel when the logits are sharded."""
+    if topo.tp_size == 1:
+        return causal_lm_loss
+    vocab_start = topo.tp_rank * (padded_vocab_size // topo.tp_size)
+
+    def loss(local_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        return vocab_parallel_lm_loss(local_logits, labels, loss_mask, vocab_start, topo.tp_group)
+
+    return loss
+
+
+@dataclass
+class GradNormClipper:
+    """Global gradient norm and clipping for DeepSpeed's ZeRO-0 fp32 path, correct under tp and pp.
+
+    Measured after DeepSpeed has all-reduced gradients over dp (and tied weights over stages). A parameter counts
+    on this rank when it is a tp shard or this is tp rank 0, and not when it is a pipeline-replicated copy of a
+    tied weight; the squares are summed over the model-parallel (pp x tp) group. Same formula as DeepSpeed
+    (clip coefficient max_norm / (norm + 1e-6), capped at 1), so a single process gets identical numbers.
+    """
+    topo: Topology
+    max_norm: float
+    last_norm: float | None = None
+    _norm: torch.Tensor | None = None
+
+    def norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+        for p in params:
+            if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                continue
+            if getattr(p, "neox_tp_sharded", False) or self.topo.tp_rank == 0:
+                squares = squares + p.grad.detach().float().norm() ** 2
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.topo.model_group) > 1:
+            torch.distributed.all_reduce(squares, group=self.topo.model_group)
+        return squares.sqrt()
+
+    def measure(self, module: nn.Module) -> None:
+        self._norm = self.norm([p for p in module.parameters() if p.grad is not None])
+        self.last_norm = float(self._norm)
+
+    def clip(self, module: nn.Module) -> None:
+        if self._norm is None:
+            self.measure(module)
+        coef = torch.clamp(self.max_norm / (self._norm + 1e-6), max=1.0)
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+        self._norm = None
+
+
+def install_grad_norm_clipper(engine, topo: Topology, max_norm: float) -> GradNormClipper:
+    """Measure the global norm before every optimizer step (the loop logs it, clipping on or off) and replace the
+    engine's fp32 ZeRO-0 clipping, which counts a pipeline's tied embedding once per stage holding it, with
+    GradNormClipper's (the engine calls it only when gradient_clipping > 0)."""
+    clipper = GradNormClipper(topo, max_norm)
+    take_model_step = engine._take_model_step
+
+    def measured_model_step(*args, **kwargs):
+        clipper.measure(engine.module)
+        return take_model_step(*args, **kwargs)
+
+    engine._take_model_step = measured_model_step
+    engine.clip_fp32_gradients = lambda: clipper.clip(engine.module)
+    return clipper

@@ -1,0 +1,83 @@
+"""Which GPTNeoX tensors are split over tensor-parallel ranks, and along which dim; shard and merge state dicts.
+
+The one tensor-parallel plan of the project: `parallelize` swaps modules by these names, and checkpoints are
+sharded / merged with the same table, so the two can never disagree. Optimizer moments (exp_avg, exp_avg_sq)
+have their parameter's shape and are sharded by the parameter's name with the same functions.
+
+Splits are contiguous. For query_key_value that is a split on kv-group boundaries, because the fused layout
+is [group 0: q.., k, v | group 1: ...] (neox/model/model.py) and tp divides num_kv_heads.
+"""
+from __future__ import annotations
+
+import torch
+
+# Module names (suffixes after "blocks.N.") -> parallel style.
+COLUMN_PARALLEL = ("attention.query_key_value", "mlp.linear1", "mlp.gate")
+ROW_PARALLEL = ("attention.dense", "mlp.linear2")
+VOCAB_PARALLEL = ("embedding.word_embeddings", "head")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def _module_of(param_name: str) -> tuple[str, str]:
+    module, _, leaf = param_name.rpartition(".")
+    return module, leaf
+
+
+def _matches(module: str, names: tuple[str, ...]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def tp_split_dim(param_name: str) -> int | None:
+    """0 (rows split), 1 (columns split) or None (replicated on every tp rank)."""
+    module, leaf = _module_of(param_name)
+    if _matches(module, COLUMN_PARALLEL) or _matches(module, VOCAB_PARALLEL):
+        return 0
+    if _matches(module, ROW_PARALLEL):
+        return 1 if leaf == "weight" else None
+    return None
+
+
+def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    dim = tp_split_dim(name)
+    if dim is None or tp_size == 1:
+        return full.clone()
+    if full.shape[dim] % tp_size:
+        raise ShardingError(f"{name}: dim {dim} of size {full.shape[dim]} does not split into {tp_size} "
+                            "tensor-parallel shards")
+    return full.chunk(tp_size, dim=dim)[tp_rank].clone()
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """This tp rank's slice of a single-device (GPTNeoX-named) state dict."""
+    if not 0 <= tp_rank < tp_size:
+        raise ShardingError(f"tp_rank {tp_rank} is outside 0..{tp_size - 1}")
+    return {name: shard_tensor(name, t, tp_rank, tp_size) for name, t in full.items()}
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of shard_state_dict: shards ordered by tp rank -> the single-device state dict.
+    Replicated tensors must agree across ranks (they get identical, all-reduced gradients); a mismatch means the
+    shards do not come from one model replica."""
+    if not shards:
+        raise ShardingError("no shards to merge")
+    names = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if list(shard) != names:
+            raise ShardingError(f"tp shard {rank} holds other tensors than shard 0: "
+                                f"{sorted(set(shard) ^ set(names))[:5]}")
+    merged = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        dim = tp_split_dim(name)
+        if dim is None or len(parts) == 1:
+            for rank, part in enumerate(parts[1:], start=1):
+                if part.shape != parts[0].shape or not torch.allclose(part, parts[0], rtol=1e-5, atol=1e-7):
+                    raise ShardingError(f"{name} is replicated over tensor-parallel ranks but shard {rank} "
+                                        "differs from shard 0")
+            merged[name] = parts[0].clone()
+        else:
+            merged[name] = torch.cat(parts, dim=dim)
+    return merged

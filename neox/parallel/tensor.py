@@ -1,0 +1,155 @@
+"""Megatron-style tensor-parallel layers over one process group (the tp group of the grid).
+
+Two conjugate collectives carry everything: `copy_to_tp` (identity forward, all-reduce of the gradient
+backward) where a replicated activation enters sharded weights, and `reduce_from_tp` (all-reduce forward,
+identity backward) where partial results leave them. Each layer is made from the single-device layer's full
+weight and keeps only this rank's slice, so a parallel model starts bit-identical to the single-device one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _world(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _world(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def shard_rows(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    rows = t.shape[0] // size
+    return t[rank * rows : (rank + 1) * rows].clone()
+
+
+def shard_cols(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    cols = t.shape[1] // size
+    return t[:, rank * cols : (rank + 1) * cols].clone()
+
+
+def mark_parallel(param: nn.Parameter, sharded: bool, tp_rank: int) -> nn.Parameter:
+    # `model_parallel` is the attribute DeepSpeed's gradient-norm code reads: a parameter counts on this rank when
+    # it is a shard, or when this is tp rank 0 (a tp-replicated parameter is counted once per model replica).
+    param.neox_tp_sharded = sharded
+    param.model_parallel = sharded or tp_rank == 0
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local, W split along its output rows; the output stays sharded."""
+
+    def __init__(self, full: nn.Linear, group, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.group = group
+        self.weight = mark_parallel(nn.Parameter(shard_rows(full.weight.data, tp_rank, tp_size)), True, tp_rank)
+        self.bias = (None if full.bias is None
+                     else mark_parallel(nn.Parameter(shard_rows(full.bias.data, tp_rank, tp_size)), True, tp_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_ranks x_local W_local^T + b, W split along its input columns; the bias is replicated."""
+
+    def __init__(self, full: nn.Linear, group, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.group = group
+        self.weight = mark_parallel(nn.Parameter(shard_cols(full.weight.data, tp_rank, tp_size)), True, tp_rank)
+        self.bias = None if full.bias is None else mark_parallel(nn.Parameter(full.bias.data.clone()), False, tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_end) of the table on this rank; other ids contribute zeros, summed over tp."""
+
+    def __init__(self, full: nn.Embedding, group, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.group = group
+        rows = full.weight.shape[0] // tp_size
+        self.vocab_start, self.vocab_end = tp_rank * rows, (tp_rank + 1) * rows
+        self.weight = mark_parallel(nn.Parameter(shard_rows(full.weight.data, tp_rank, tp_size)), True, tp_rank)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Logits for this rank's vocabulary slice only; the weight may be the vocab-parallel embedding's (tied)."""
+
+    def __init__(self, weight: nn.Parameter, group, vocab_start: int):
+        super().__init__()
+        self.group = group
+        self.vocab_start = vocab_start
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight)
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                                 group) -> torch.Tensor:
+    """Per-token cross entropy (fp32) from vocab-sharded logits [..., V/tp]; only [...]-shaped tensors are
+    all-reduced, never the logits themselves."""
+    logits = local_logits.float()
+    with torch.no_grad():
+        global_max = logits.max(dim=-1).values
+        if _world(group) > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - global_max.unsqueeze(-1)
+    sum_exp = reduce_from_tp(shifted.exp().sum(dim=-1), group)
+    local_vocab = logits.shape[-1]
+    outside = (labels < vocab_start) | (labels >= vocab_start + local_vocab)
+    local_labels = (labels - vocab_start).masked_fill(outside, 0)
+    target = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+    target = reduce_from_tp(target, group)
+    return sum_exp.log() - target
+
+
+def vocab_parallel_lm_loss(local_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                           vocab_start: int, group) -> torch.Tensor:
+    """causal_lm_loss (neox.model) for vocab-sharded logits: mean over the unmasked positions."""
+    losses = vocab_parallel_cross_entropy(local_logits, labels, vocab_start, group).flatten()
+    if loss_mask is None:
+        return losses.mean()
+    weights = loss_mask.flatten().to(losses.dtype)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)

@@ -1,0 +1,149 @@
+"""The parity matrix: every (dp, tp, pp, ZeRO) layout trains like one rank, through `deepy train` as a user runs it.
+
+Same seed, data, global batch (8 sequences), fp32, dropout 0, 20 steps with gradient clipping 1.0 on the tiny
+2-layer / hidden-64 / char-level model of tests/e2e/train_helpers.py. The per-step lm_loss of each layout must
+agree with dp=1 within 1e-5 relative; the layout change trains at tp2 x pp2, resumes at tp1 (and back) and must
+continue exactly like the run that never changed layout (weights, Adam moments and step count carried over).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from neox.parallel.layout_state import consolidated_weights
+from neox.parallel.sharding import shard_tensor
+from tests.e2e.train_helpers import Launch, deepy_train, max_relative_diff, preprocess_kjv, write_config
+
+pytestmark = pytest.mark.slow
+
+TOLERANCE = 1e-5
+# name -> (ranks, ZeRO stage, overrides). Global batch 8 = micro 2 x accum x dp.
+LAYOUTS: dict[str, tuple[int, int, dict]] = {
+    "dp2-zero0": (2, 0, {"gradient_accumulation_steps": 2}),
+    "dp2-zero1": (2, 1, {"gradient_accumulation_steps": 2}),
+    "dp2-zero2": (2, 2, {"gradient_accumulation_steps": 2}),
+    "dp2-zero3": (2, 3, {"gradient_accumulation_steps": 2}),
+    "tp2": (2, 0, {"model_parallel_size": 2}),
+    # pp2 also recomputes activations and balances transformer layers; pp2xtp2 splits layers uniformly.
+    "pp2": (2, 0, {"pipe_parallel_size": 2, "checkpoint_activations": True,
+                   "pipe_partition_method": "type:transformer"}),
+    "tp2xdp2-zero1": (4, 1, {"model_parallel_size": 2, "gradient_accumulation_steps": 2}),
+    "pp2xdp2-zero1": (4, 1, {"pipe_parallel_size": 2, "gradient_accumulation_steps": 2}),
+    "pp2xtp2": (4, 0, {"pipe_parallel_size": 2, "model_parallel_size": 2, "pipe_partition_method": "uniform"}),
+}
+TP2_PP2 = {"pipe_parallel_size": 2, "model_parallel_size": 2}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="module")
+def model_config(work) -> Path:
+    return write_config(work / "tiny_parity.yml", preprocess_kjv(work / "data"))
+
+
+@pytest.fixture(scope="module")
+def reference(work, model_config) -> Launch:
+    """dp=1, ZeRO 0, 20 steps, a checkpoint at 10 (the layout change resumes from it)."""
+    return deepy_train(work / "reference", model_config, num_gpus=1, zero_stage=0, extra={"save_interval": 10})
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_rank(work, model_config, reference, layout):
+    ranks, zero_stage, extra = LAYOUTS[layout]
+    launch = deepy_train(work / layout, model_config, num_gpus=ranks, zero_stage=zero_stage, extra=extra)
+    worst = max_relative_diff(reference.losses(), launch.losses())
+    print(f"{layout}: worst relative lm_loss difference vs dp=1 over 20 steps = {worst:.2e}")
+    assert worst < TOLERANCE
+    records = [r for r in launch.records() if "lm_loss" in r]
+    ref_records = [r for r in reference.records() if "lm_loss" in r]
+    # The clipped global norm counts tp-replicated parameters and a pipeline's tied embedding once.
+    norm_diff = max(_relative(r["grad_norm"], ref["grad_norm"]) for r, ref in zip(records, ref_records))
+    assert norm_diff < 1e-4, f"grad_norm differs by {norm_diff:.2e}"
+    for r in records:
+        assert r["tokens_per_sec_per_rank"] == pytest.approx(r["tokens_per_sec"] / ranks)
+    valid = [r["valid_loss"] for r in launch.records() if "valid_loss" in r]
+    ref_valid = [r["valid_loss"] for r in reference.records() if "valid_loss" in r]
+    assert len(valid) == len(ref_valid) == 2
+    assert max(_relative(v, rv) for v, rv in zip(valid, ref_valid)) < TOLERANCE
+
+
+def test_layout_change_tp2_pp2_to_tp1_and_back(work, model_config, reference):
+    ref_losses = reference.losses()
+    # tp2 x pp2 for 10 steps, then resume on one rank without a pipeline.
+    first = deepy_train(work / "change-tp2pp2", model_config, num_gpus=4, zero_stage=0,
+                        extra={**TP2_PP2, "train_iters": 10, "save_interval": 10})
+    assert (first.save_dir / "global_step10" / "layout_free" / "pp01-tp01.pt").is_file()
+    _check_merge_against_pipeline_files(first.save_dir / "global_step10", num_layers=2, tp=2)
+    resumed = deepy_train(work / "change-tp1", model_config, num_gpus=1, zero_stage=0,
+                          extra={"load": str(first.save_dir)})
+    assert "loaded its layout-free state" in resumed.output
+    to_single = resumed.losses()
+    assert sorted(to_single) == list(range(11, 21))
+    worst_down = max(_relative(to_single[i], ref_losses[i]) for i in to_single)
+    # The same checkpoint resumed at its own layout goes through DeepSpeed's pipeline checkpoint files instead.
+    same = deepy_train(work / "change-same-tp2pp2", model_config, num_gpus=4, zero_stage=0,
+                       extra={**TP2_PP2, "load": str(first.save_dir)})
+    assert "layout-free" not in same.output
+    worst_same = max(_relative(loss, ref_losses[i]) for i, loss in same.losses().items())
+    assert sorted(same.losses()) == list(range(11, 21)) and worst_same < TOLERANCE
+
+    # And back: the single-rank reference's step-10 checkpoint resumed at tp2 x pp2.
+    load_dir = work / "reference-step10"
+    shutil.copytree(reference.save_dir / "global_step10", load_dir / "global_step10")
+    (load_dir / "latest").write_text("global_step10\n")
+    back = deepy_train(work / "change-back-tp2pp2", model_config, num_gpus=4, zero_stage=0,
+                       extra={**TP2_PP2, "load": str(load_dir)})
+    to_parallel = back.losses()
+    assert sorted(to_parallel) == list(range(11, 21))
+    worst_up = max(_relative(to_parallel[i], ref_losses[i]) for i in to_parallel)
+    print(f"layout change: tp2pp2 -> tp1 worst {worst_down:.2e}, tp1 -> tp2pp2 worst {worst_up:.2e}, "
+          f"tp2pp2 -> tp2pp2 worst {worst_same:.2e}")
+    assert worst_down < TOLERANCE and worst_up < TOLERANCE
+
+
+def test_layout_change_carries_zero1_partitioned_adam_state(work, model_config, reference):
+    """Moments sharded by ZeRO-1 over 2 replicas of a 2-stage pipeline, resumed as one tp2 replica with ZeRO-1."""
+    first = deepy_train(work / "zero1-pp2xdp2", model_config, num_gpus=4, zero_stage=1,
+                        extra={"pipe_parallel_size": 2, "gradient_accumulation_steps": 2, "train_iters": 10,
+                               "save_interval": 10})
+    resumed = deepy_train(work / "zero1-tp2", model_config, num_gpus=2, zero_stage=1,
+                          extra={"model_parallel_size": 2, "load": str(first.save_dir)})
+    losses, ref_losses = resumed.losses(), reference.losses()
+    assert sorted(losses) == list(range(11, 21))
+    worst = max(_relative(losses[i], ref_losses[i]) for i in losses)
+    print(f"layout change pp2xdp2-zero1 -> tp2-zero1: worst {worst:.2e}")
+    assert worst < TOLERANCE
+
+
+def _check_merge_against_pipeline_files(ckpt_dir: Path, num_layers: int, tp: int) -> None:
+    """The merged layout-free weights, re-sharded, equal what DeepSpeed itself saved for every layer and tp rank."""
+    merged = consolidated_weights(ckpt_dir, tied_head=True)
+    expected_names = set(merged)
+    seen = set()
+    for layer in range(num_layers + 2):  # embedding, blocks, final norm (the tied head has no file of its own)
+        for rank in range(tp):
+            saved = torch.load(ckpt_dir / f"layer_{layer:02d}-model_{rank:02d}-model_states.pt", weights_only=True)
+            for key, tensor in saved.items():
+                prefix, _, rest = key.partition(".")
+                name = {"embedding": key, "block": f"blocks.{layer - 1}.{rest}", "norm": f"final_norm.{rest}"}[prefix]
+                assert torch.equal(shard_tensor(name, merged[name], rank, tp), tensor), (name, rank)
+                seen.add(name)
+    assert expected_names - seen == {"head.weight"}
+
+
+def test_model_that_does_not_split_is_refused_before_launch(work, model_config):
+    launch = deepy_train(work / "bad-tp", model_config, num_gpus=3, zero_stage=0,
+                         extra={"model_parallel_size": 3}, check=False)
+    assert launch.result.returncode == 2
+    assert "model_parallel_size" in launch.output and "num_attention_heads" in launch.output
+    assert "Traceback" not in launch.output
