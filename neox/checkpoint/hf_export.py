@@ -1,0 +1,105 @@
+"""A neox checkpoint (any ZeRO stage, or consolidated) -> a Hugging Face model directory: config.json,
+model.safetensors, generation_config.json and the tokenizer files, loadable by AutoModelForCausalLM,
+AutoTokenizer and transformers.pipeline("text-generation").
+
+The architecture follows the model options: learned positions -> GPT-2; RMSNorm, a gated MLP or grouped-query
+attention -> Llama; otherwise GPT-NeoX. neox.model.hf.check_exportable refuses, naming the key, any option the
+chosen class cannot express, so an export never silently computes another function.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from neox.checkpoint.consolidated import (CheckpointError, checkpoint_tokenizer, consolidate, find_checkpoint)
+from neox.checkpoint.hf_tokenizer import export_tokenizer
+from neox.config.model import ModelConfig
+from neox.model.hf import check_exportable, model_cfg_to_hf_config, to_hf_state_dict
+
+_HF_CLASS = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def choose_arch(cfg: ModelConfig) -> str:
+    """The HF architecture whose family the options belong to (check_exportable then vets every option)."""
+    if cfg.pos_emb == "learned":
+        arch = "gpt2"
+    elif cfg.norm == "rmsnorm" or cfg.gated_mlp or cfg.kv_heads != cfg.num_attention_heads:
+        arch = "llama"
+    else:
+        arch = "gpt_neox"
+    return check_exportable(cfg, arch)
+
+
+def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | None = None, arch: str | None = None,
+                 dtype: str = "float32", keep_padded_vocab: bool = False, progress: bool = True) -> Path:
+    out_dir = Path(out_dir).expanduser().absolute()
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise CheckpointError(f"{out_dir} exists and is not an earlier export (config.json + model.safetensors); "
+                              "choose a new output directory")
+    with tqdm(total=4, desc="neox -> hf", unit="step", disable=not progress) as steps:
+        ckpt = find_checkpoint(checkpoint, iteration)
+        cfg, weights = consolidate(ckpt)
+        tokenizer = checkpoint_tokenizer(ckpt, cfg)
+        steps.update()
+        arch = check_exportable(cfg.model, arch) if arch else choose_arch(cfg.model)
+        vocab = cfg.model.padded_vocab_size if keep_padded_vocab else tokenizer.vocab_size
+        hf_config = model_cfg_to_hf_config(cfg.model, arch, vocab)
+        hf_config.architectures = [_HF_CLASS[arch]]
+        hf_config.eos_token_id = tokenizer.eod
+        hf_config.pad_token_id = tokenizer.pad
+        hf_config.dtype = dtype
+        hf_weights = to_hf_state_dict(cfg.model, weights, arch, vocab)
+        del weights
+        if getattr(hf_config, "tie_word_embeddings", False):
+            hf_weights.pop("lm_head.weight")  # the embedding; transformers re-ties it on load
+        steps.update()
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            hf_config.save_pretrained(str(tmp))
+            _generation_config(tokenizer).save_pretrained(str(tmp))
+            tensors = {k: v.to(_DTYPES[dtype]).contiguous().clone() for k, v in hf_weights.items()}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            steps.update()
+            export_tokenizer(tokenizer, tmp)
+            _swap(tmp, out_dir)
+            steps.update()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def _generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad if tokenizer.pad is not None
+                            else tokenizer.eod)
+
+
+def _replaceable(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or {"config.json", "model.safetensors"} <= names
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
