@@ -2,6 +2,8 @@
 
     deepy.py train       [-d DIR] a.yml b.yml ... [--key value ...]
     deepy.py show-config [-d DIR] a.yml b.yml ... [--key value ...]
+    deepy.py generate    [-d DIR] a.yml ... [-i PROMPTS] [-o SAMPLES.jsonl] [--key value ...]
+    deepy.py eval        [-d DIR] a.yml ... --eval_tasks piqa arc_easy perplexity [--key value ...]
 
 train merges and validates the config, writes it to {save or log_dir}/resolved_config.yml, then calls
 deepspeed.launcher.runner.main(argv) so that each rank runs `python -m neox.train --config <that file>`.
@@ -28,8 +30,13 @@ from neox.config.resolved import RESOLVED_NAME
 from neox.config.show import format_config_table
 from neox.config.validate import annotate, require_for_training
 
-COMMANDS = ("train", "show-config")
+COMMANDS = ("train", "show-config", "generate", "eval")
 TRAIN_ENTRY = "neox.train"
+GENERATE_ENTRY = "neox.generate"
+# Not resolved_config.yml: a generate launch sharing log_dir with training must not replace training's file.
+GENERATE_RESOLVED_NAME = "generate_config.yml"
+EVAL_ENTRY = "neox.eval"
+EVAL_RESOLVED_NAME = "eval_config.yml"  # beside training's resolved_config.yml, never over it
 ENV_FILE_NAME = "deepspeed_env"
 # Variables every rank gets unless the caller's environment already sets them. One OpenMP thread per rank:
 # N ranks each spawning a thread per core oversubscribes the machine (torchrun sets the same default).
@@ -56,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "all) and run a command with it.",
         epilog="Example: deepy.py train -d configs tiny.yml cpu.yml local_setup.yml --train_iters 20",
     )
-    parser.add_argument("command", choices=COMMANDS, help="train: launch training; show-config: print the config")
+    parser.add_argument("command", choices=COMMANDS, help="train: launch training; show-config: print the config; "
+                        "generate: sample from the checkpoint at 'load'")
     parser.add_argument("-d", "--conf_dir", dest="config_dir", help="folder the config file names are relative to")
     parser.add_argument("configs", nargs="+", metavar="CONFIG.yml", help="YAML files, merged in order")
+    parser.add_argument("-i", dest="input_file", metavar="PROMPTS",
+                        help="generate: prompts file (text_gen_type input-file, sample_input_file)")
+    parser.add_argument("-o", dest="output_file", metavar="SAMPLES.jsonl", help="generate: sample_output_file")
     return parser
 
 
@@ -205,6 +216,61 @@ def train(files: Sequence[str], overrides: Sequence[str], config_dir: str | None
     return run_deepspeed(cfg, resolved_path)
 
 
+def pull_short_options(overrides: Sequence[str], options: Sequence[str] = ("-i", "-o")) -> tuple[list[str], list[str]]:
+    """Take `-i FILE` / `-o FILE` typed after the first --key value out of the overrides."""
+    pulled: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if token in options and i + 1 < len(overrides):
+            pulled += [token, overrides[i + 1]]
+            i += 2
+        elif token.startswith("--") and "=" not in token and i + 1 < len(overrides):
+            rest += [token, overrides[i + 1]]
+            i += 2
+        else:
+            rest.append(token)
+            i += 1
+    return pulled, rest
+
+
+def generate_short_forms(input_file: str | None, output_file: str | None) -> list[str]:
+    """`-i FILE -o FILE` as config overrides (absolute paths: the ranks may start elsewhere)."""
+    overrides: list[str] = []
+    if input_file is not None:
+        overrides += ["--text_gen_type", "input-file", "--sample_input_file", os.path.abspath(input_file)]
+    if output_file is not None:
+        overrides += ["--sample_output_file", os.path.abspath(output_file)]
+    return overrides
+
+
+def generate(files: Sequence[str], overrides: Sequence[str], config_dir: str | None) -> int:
+    """Sample from the checkpoint at 'load' with every rank of the launch (python -m neox.generate)."""
+    cfg = resolve(files, overrides, config_dir, need_vocab=False)
+    if cfg.train.load is None:
+        raise ConfigError("generate needs 'load', the checkpoint directory to sample from (e.g. --load runs/ckpt)")
+    out_dir = Path(cfg.log.log_dir) if cfg.log.log_dir is not None else Path(cfg.generate.sample_output_file).parent
+    resolved_path = save_resolved(cfg, out_dir.resolve() / GENERATE_RESOLVED_NAME)
+    print(f"deepy: resolved config written to {resolved_path}", flush=True)
+    return run_deepspeed(cfg, resolved_path, entry=GENERATE_ENTRY)
+
+
+def evaluate(files: Sequence[str], overrides: Sequence[str], config_dir: str | None) -> int:
+    """lm_eval tasks and perplexity on the checkpoint at 'load', with every rank of the launch (python -m neox.eval)."""
+    from neox.eval.cli import fold_eval_overrides
+
+    cfg = resolve(files, fold_eval_overrides(overrides), config_dir, need_vocab=False)
+    if cfg.train.load is None:
+        raise ConfigError("eval needs 'load', the checkpoint directory to evaluate (e.g. --load runs/ckpt)")
+    if not cfg.eval.eval_tasks:
+        raise ConfigError("eval needs 'eval_tasks', e.g. --eval_tasks piqa arc_easy perplexity")
+    out_dir = Path(cfg.log.log_dir if cfg.log.log_dir is not None else cfg.train.load)
+    resolved_path = save_resolved(cfg, out_dir.resolve() / EVAL_RESOLVED_NAME)
+    print(f"deepy: resolved config written to {resolved_path}", flush=True)
+    return run_deepspeed(cfg, resolved_path, entry=EVAL_ENTRY)
+
+
 def show_config(files: Sequence[str], overrides: Sequence[str], config_dir: str | None) -> int:
     cfg = resolve(files, overrides, config_dir, need_vocab=False)
     print(format_config_table(cfg))
@@ -213,8 +279,15 @@ def show_config(files: Sequence[str], overrides: Sequence[str], config_dir: str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     own, overrides = split_argv(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(own)
-    command = {"train": train, "show-config": show_config}[args.command]
+    pulled, overrides = pull_short_options(overrides)
+    own += pulled
+    parser = build_parser()
+    args = parser.parse_args(own)
+    if args.command == "generate":
+        overrides = generate_short_forms(args.input_file, args.output_file) + overrides
+    elif args.input_file is not None or args.output_file is not None:
+        parser.error("-i and -o apply to the generate command only")
+    command = {"train": train, "show-config": show_config, "generate": generate, "eval": evaluate}[args.command]
     try:
         return command(args.configs, overrides, args.config_dir)
     except ConfigError as err:

@@ -1,0 +1,5 @@
+import sys
+
+from neox.eval.run import main
+
+sys.exit(main())
