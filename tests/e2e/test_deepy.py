@@ -18,6 +18,9 @@ DEEPY = REPO_ROOT / "launcher" / "deepy.py"
 CONFIGS = REPO_ROOT / "configs"
 PROBE = Path(__file__).with_name("probe_rank.py")
 
+GPT2_TOKENIZER = ("--tokenizer_type", "HFGPT2Tokenizer", "--vocab_file", "data/tokenizers/gpt2/vocab.json",
+                  "--merge_file", "data/tokenizers/gpt2/merges.txt")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -30,8 +33,9 @@ def deepy(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 
 
 def test_show_config_prints_every_value_with_its_origin():
+    # GPT-2 files from the repo: local_setup.yml's demo tokenizer exists only after `make demo`
     result = deepy("show-config", "-d", "configs", "tiny.yml", "cpu.yml", "local_setup.yml",
-                   "--train_iters", "20", "--optimizer.params.lr", "3e-4")
+                   "--train_iters", "20", "--optimizer.params.lr", "3e-4", *GPT2_TOKENIZER)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[1]: line for line in result.stdout.splitlines()[2:]}
     assert rows["num_layers"].split()[2] == "4" and rows["num_layers"].endswith("configs/tiny.yml:9")
@@ -66,7 +70,7 @@ def test_bad_config_is_one_paragraph_and_exit_code_2(tmp_path):
 
 def test_train_refuses_fp16_on_cpu_before_launching(tmp_path):
     result = deepy("train", "-d", "configs", "tiny.yml", "local_setup.yml", "--fp16.enabled", "true",
-                   "--save", str(tmp_path / "run"))
+                   "--save", str(tmp_path / "run"), *GPT2_TOKENIZER)
     assert result.returncode == 2
     assert "needs CUDA" in result.stderr and "bfloat16" in result.stderr
     assert not (tmp_path / "run").exists()

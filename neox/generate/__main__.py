@@ -1,0 +1,5 @@
+import sys
+
+from neox.generate.run import main
+
+sys.exit(main())
