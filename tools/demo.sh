@@ -8,19 +8,19 @@ corpus=data/corpora/kjv.jsonl.zst,data/corpora/austen.jsonl.zst,data/corpora/sha
 run_dir=runs/demo            # save/load/log_dir of configs/local_setup.yml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-echo "== 1/5 train a 4k-token BPE tokenizer on the bundled corpus (KJV, Austen, Shakespeare)"
+echo "== 1/7 train a 4k-token BPE tokenizer on the bundled corpus (KJV, Austen, Shakespeare)"
 "$py" tools/train_tokenizer.py --input "$corpus" --vocab-size 4096 --output runs/data/demo-tokenizer.json
 
-echo "== 2/5 preprocess the corpus into mmap token shards"
+echo "== 2/7 preprocess the corpus into mmap token shards"
 "$py" tools/preprocess_data.py --input "$corpus" --output-prefix runs/data/demo \
     --tokenizer-type HFTokenizer --vocab-file runs/data/demo-tokenizer.json --append-eod --workers 2
 "$py" tools/inspect_dataset.py --prefix runs/data/demo_text_document
 
-echo "== 3/5 train configs/tiny.yml on 2 CPU ranks with ZeRO-2 (a fresh run: the previous demo run is removed)"
+echo "== 3/7 train configs/tiny.yml on 2 CPU ranks with ZeRO-2 (a fresh run: the previous demo run is removed)"
 rm -rf "$run_dir"
 "$py" launcher/deepy.py train -d configs tiny.yml cpu.yml local_setup.yml
 
-echo "== 4/5 evaluation"
+echo "== 4/7 training summary"
 "$py" - "$run_dir/logs/metrics.jsonl" <<'PY'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
@@ -37,6 +37,21 @@ last = train[-1]
 print(f"throughput: {last['tokens_per_sec']:.0f} tokens/s on 2 ranks, MFU {last['mfu']:.1%}")
 PY
 
-echo "== 5/5 loss curve"
+echo "== 5/7 loss curve"
 "$py" tools/plot_metrics.py "$run_dir/logs" --output "$run_dir/loss.png" --title "tiny.yml on the bundled corpus"
 echo "checkpoints: $(cat "$run_dir/checkpoints/latest") in $run_dir/checkpoints"
+
+echo "== 6/7 evaluate the checkpoint with lm-evaluation-harness (PIQA, ARC-Easy; 200 questions each) and perplexity"
+"$py" launcher/deepy.py eval -d configs tiny.yml cpu.yml local_setup.yml \
+    --eval_tasks piqa arc_easy perplexity --eval_limit 200
+
+echo "== 7/7 generate from five prompts on 2 ranks (top-p sampling)"
+"$py" launcher/deepy.py generate -d configs tiny.yml cpu.yml local_setup.yml \
+    -i data/prompts/demo.txt -o "$run_dir/samples.jsonl" \
+    --maximum_tokens 40 --temperature 0.8 --top_p 0.9
+"$py" - "$run_dir/samples.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    sample = json.loads(line)
+    print(f"{sample['prompt']!r} -> {sample['text']!r}")
+PY
