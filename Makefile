@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 
 # Every tier: unit (one process), distributed (2-4 gloo ranks), e2e (the CLI as a user runs it).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests --durations=25
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow"
