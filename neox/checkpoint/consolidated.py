@@ -361,14 +361,15 @@ def save_consolidated(out_dir: str | Path, cfg: NeoXConfig, state_dict: StateDic
             (tmp / name).write_text(text, encoding="utf-8")
         marker = {"format": CONSOLIDATED_FORMAT, "iteration": iteration, "source": source, "time": time.time()}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished directory tmp; the old copy is removed only once the new one is in place."""
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from neox.checkpoint.consolidated import (CheckpointError, checkpoint_tokenizer, consolidate, find_checkpoint)
+from neox.checkpoint.consolidated import (CheckpointError, checkpoint_tokenizer, consolidate, find_checkpoint,
+                                          swap_into_place)
 from neox.checkpoint.hf_tokenizer import export_tokenizer
 from neox.config.model import ModelConfig
 from neox.model.hf import check_exportable, model_cfg_to_hf_config, to_hf_state_dict
@@ -73,7 +74,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | N
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             steps.update()
             export_tokenizer(tokenizer, tmp)
-            _swap(tmp, out_dir)
+            swap_into_place(tmp, out_dir)
             steps.update()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,13 +94,3 @@ def _replaceable(path: Path) -> bool:
         return False
     names = {p.name for p in path.iterdir()}
     return not names or {"config.json", "model.safetensors"} <= names
-
-
-def _swap(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
