@@ -1,6 +1,7 @@
 """Keys handed to DeepSpeed's launcher (deepspeed.launcher.runner) and the process group backend."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +30,11 @@ class LaunchConfig:
     launcher_args: str | None = option(
         None, "Extra arguments DeepSpeed passes to the multi-node launcher (e.g. srun flags)."
     )
+    ssh_args: str | None = option(
+        None,
+        "launcher pdsh: options for every ssh to the hosts, e.g. '-p 2222 -i ~/.ssh/cluster_key' or "
+        "'-F cluster_ssh_config' (appended to PDSH_SSH_ARGS_APPEND); deepy checks the first host with them.",
+    )
     no_ssh: bool = option(
         False, "Run `deepy` on every node yourself (no ssh): each node starts only its own ranks; needs node_rank."
     )
@@ -37,6 +43,12 @@ class LaunchConfig:
     force_multi: bool = option(False, "Use the multi-node launcher even for a single host.")
     distributed_backend: Literal["nccl", "gloo"] | None = option(
         None, "torch.distributed backend; None means nccl on GPU and gloo on CPU."
+    )
+    distributed_timeout_minutes: float = option(
+        10.0,
+        "Timeout of every collective (init_process_group's timeout): a rank blocked on a dead or hung peer raises "
+        "after this long instead of waiting forever. Longer than the slowest legitimate wait (rank 0 building "
+        "the data index caches, writing a checkpoint).",
     )
     deepspeed_extra_args: dict | None = option(
         None, "Extra entries merged into the generated DeepSpeed JSON config (for keys this config does not model)."
@@ -55,5 +67,20 @@ class LaunchConfig:
             raise ConfigError(
                 "'include'/'exclude' cannot be combined with 'num_gpus'/'num_nodes' (DeepSpeed refuses it)"
             )
+        if not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"'distributed_timeout_minutes' must be > 0, got {self.distributed_timeout_minutes}")
+        if self.ssh_args is not None:
+            self._validate_ssh_args()
         if self.no_ssh and self.node_rank < 0:
             raise ConfigError("'no_ssh' needs 'node_rank' (this node's index in the hostfile)")
+
+    def _validate_ssh_args(self) -> None:
+        if self.launcher != "pdsh":
+            raise ConfigError(
+                f"'ssh_args' applies to launcher pdsh, not {self.launcher!r}; for openmpi put "
+                "'--mca plm_rsh_args \"...\"' in 'launcher_args'"
+            )
+        try:
+            shlex.split(self.ssh_args or "")
+        except ValueError as err:
+            raise ConfigError(f"'ssh_args' {self.ssh_args!r} cannot be split into ssh options: {err}") from None

@@ -1,7 +1,7 @@
 """Process-group start-up for every per-rank entrypoint (train, eval, generate).
 
-Ranks are started by DeepSpeed's launcher or torchrun, which both set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT. A process started by hand (no RANK) runs as a world of one.
+Ranks are started by DeepSpeed's launcher or torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), mpirun or
+srun (their own variables, mapped by launcher_env.py). A process started by hand runs as a world of one.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from neox.parallel.launcher_env import torch_rank_env
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,8 @@ def init_runtime(backend: str | None = None, timeout_minutes: float = 10.0) -> R
     """Join the process group (or make a world of one) and pick this rank's device."""
     import deepspeed
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # Written back to the environment: DeepSpeed's comm layer reads these variables too.
+    os.environ.update(torch_rank_env(os.environ))
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -50,8 +50,15 @@ def init_runtime(backend: str | None = None, timeout_minutes: float = 10.0) -> R
         _quiet_cpu_deepspeed()
         device = torch.device("cpu")
     backend = backend or ("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # Groups made later (DeepSpeed's data/model/pipe groups, the topology's) call new_group without a timeout and
+    # would get torch's module default (30 min gloo, 10 min NCCL): the configured timeout becomes that default, so a
+    # rank blocked on a dead or hung peer in any group raises after timeout_minutes.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                    local_rank=local_rank, device=device)
 
