@@ -128,7 +128,7 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
     ckpt_dir = save_dir / tag
     if rank == 0 and ckpt_dir.exists():
         # A leftover from an interrupted save of this same step: never mix its files with the new ones.
-        shutil.rmtree(ckpt_dir)
+        remove_checkpoint(ckpt_dir)
     barrier()
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
@@ -144,14 +144,39 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
         tok_dir.mkdir(exist_ok=True)
         for f in run_files.tokenizer_files:
             shutil.copy2(f, tok_dir / Path(f).name)
+        # The marker must not reach the disk before the files it vouches for (power loss, not only kill -9).
+        fsync_tree(ckpt_dir)
         write_text_atomic(ckpt_dir / COMPLETE_MARKER,
                           json.dumps({"iteration": iteration, "time": time.time()}) + "\n")
         write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
         if keep_last:
             for old in complete_tags(save_dir)[:-keep_last]:
-                shutil.rmtree(save_dir / old, ignore_errors=True)
+                remove_checkpoint(save_dir / old)
     barrier()
     return ckpt_dir
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under root, then the directories holding their names. On a shared filesystem the other
+    nodes' files were flushed to the server when their ranks closed them; this covers the local disk."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_checkpoint(ckpt_dir: Path) -> None:
+    """Marker first: a removal cut off half-way leaves a directory that no longer counts as complete."""
+    (ckpt_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def load(engine, load_dir: Path, tag: str, rank: int, finetune: bool) -> dict[str, Any]:

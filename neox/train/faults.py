@@ -1,0 +1,43 @@
+"""Fault injection, to try the failure handling of a launch (ours, or a cluster's requeue rules) on purpose.
+
+NEOX_FAULT_RAISE_AT="RANK:ITERATION" makes that rank raise InjectedFault right after that training iteration;
+the other ranks run on into their next collective and find the rank gone. Unset (always, outside such a test),
+nothing happens. deepy passes its environment to the ranks it starts on its own node; for ranks on other nodes put
+the variable in the DeepSpeed env file (.deepspeed_env).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENV_VAR = "NEOX_FAULT_RAISE_AT"
+
+
+class FaultSpecError(ValueError):
+    pass
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RaiseAt:
+    rank: int
+    iteration: int
+
+    def after_step(self, rank: int, iteration: int) -> None:
+        if (rank, iteration) == (self.rank, self.iteration):
+            raise InjectedFault(f"fault injected by {ENV_VAR}={self.rank}:{self.iteration} (rank {rank}, after "
+                                f"iteration {iteration})")
+
+
+def from_environment(environ: dict[str, str] | os._Environ = os.environ) -> RaiseAt | None:
+    spec = environ.get(ENV_VAR)
+    if not spec:
+        return None
+    try:
+        rank, iteration = (int(part) for part in spec.split(":"))
+    except ValueError:
+        raise FaultSpecError(f"{ENV_VAR}={spec!r}: expected RANK:ITERATION, e.g. 1:3 (or unset the variable)") from None
+    return RaiseAt(rank, iteration)

@@ -1,0 +1,227 @@
+"""Per-rank logs and exit records, so that a failed job names the rank that died and shows its last lines.
+
+Rank side: RankLog copies everything the rank writes to stdout and stderr (fd level: Python, DeepSpeed, native
+code) into {ranks_dir}/rank{R}.log, appending (a requeued job keeps its history), and writes rank{R}.exit.json
+when the rank ends by returning or raising. A rank killed by a signal (kill -9, the OOM killer, a segfault) leaves
+no exit record: that absence is what names it.
+Launcher side: failure_report() reads them back after a failed launch.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import sys
+import termios
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+RANKS_DIR_NAME = "ranks"
+HEADER_PREFIX = "==== neox rank "
+TAIL_LINES = 12
+# Messages of collectives that failed because a peer went away or stopped answering (gloo and NCCL): a rank that
+# ends with one of them is a victim of another rank's death, not its cause.
+_LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                      "timed out", "Timeout", "NCCL communicator was aborted", "remote process exited")
+
+
+def ranks_dir(log_dir: str | None, run_dir: Path) -> Path:
+    return Path(log_dir) / RANKS_DIR_NAME if log_dir else run_dir / RANKS_DIR_NAME
+
+
+def log_path(directory: Path, rank: int) -> Path:
+    return directory / f"rank{rank}.log"
+
+
+def exit_record_path(directory: Path, rank: int) -> Path:
+    return directory / f"rank{rank}.exit.json"
+
+
+def lost_peer(error_text: str) -> bool:
+    return any(marker in error_text for marker in _LOST_PEER_MARKERS)
+
+
+class _Tee:
+    """fd -> pipe; a thread copies the pipe to the original destination and to the log file."""
+
+    def __init__(self, fd: int, log_fd: int, lock: threading.Lock):
+        self.fd, self.log_fd, self.lock = fd, log_fd, lock
+        self.original = os.dup(fd)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        self.read_end = read_end
+        self.copying = False
+        self.thread = threading.Thread(target=self._copy, name=f"rank-log-fd{fd}", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        while chunk := os.read(self.read_end, 65536):
+            self.copying = True
+            _write_all(self.original, chunk)
+            with self.lock:
+                _write_all(self.log_fd, chunk)
+            self.copying = False
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait until everything written so far is copied."""
+        deadline = time.monotonic() + timeout
+        while (self.copying or _unread_bytes(self.read_end)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def restore(self) -> None:
+        """Point fd back at its destination. Processes this rank started (data-loader workers) may hold the pipe
+        open, so the thread is not joined: it is a daemon, copying whatever they still write."""
+        os.dup2(self.original, self.fd)
+        self.drain()
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """exc and the exceptions it was raised from or during: a collective that failed on a lost peer is often
+    followed by a second error (DeepSpeed's launcher stopping this rank's data-loader workers)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _unread_bytes(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class RankLog:
+    """Context manager around a rank's whole life: the tee, then the exit record."""
+
+    def __init__(self, directory: Path, rank: int):
+        self.directory, self.rank = directory, rank
+        self.exit_code: int | None = None  # set by the body when it returns a code other than 0
+        self._tees: list[_Tee] = []
+        self._log_fd: int | None = None
+
+    def __enter__(self) -> RankLog:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Not the tmp-and-rename rule: a log is appended to while the rank runs, it is never a finished output.
+        self._log_fd = os.open(log_path(self.directory, self.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        _write_all(self._log_fd, f"{HEADER_PREFIX}{self.rank} pid {os.getpid()} started {started} ====\n".encode())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        lock = threading.Lock()
+        self._tees = [_Tee(fd, self._log_fd, lock) for fd in (1, 2)]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # The record first: while this rank ends, more errors may be raised into it (torch's SIGCHLD handler, when
+        # DeepSpeed's launcher stops the data-loader workers), and the record must be written regardless.
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        code = self.exit_code if exc is None else 1
+        if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+            code = exc.code
+        record = {"rank": self.rank, "pid": os.getpid(), "code": code or 0, "error": error,
+                  "lost_peer": exc is not None and any(lost_peer(str(e)) for e in _chain(exc)), "time": time.time()}
+        path = exit_record_path(self.directory, self.rank)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for tee in self._tees:
+            tee.drain()
+        if exc is not None and self._log_fd is not None:
+            # Python prints the traceback after this rank's code has ended, too late for the tee: copy it now.
+            _write_all(self._log_fd, "".join(traceback.format_exception(exc)).encode())
+        for tee in self._tees:
+            tee.restore()
+        self._tees = []
+        # The log stays open: a data-loader worker may still write to the pipe, and the thread copies it there.
+
+
+# --- launcher side ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankEnd:
+    rank: int
+    record: dict | None  # None: no exit record from this launch
+
+    @property
+    def killed(self) -> bool:
+        return self.record is None
+
+    @property
+    def failed_itself(self) -> bool:
+        """Died without a record, or raised an error that is not a lost peer."""
+        return self.record is None or (self.record["code"] != 0 and not self.record["lost_peer"])
+
+
+def rank_ends(directory: Path, world_size: int, since: float) -> list[RankEnd]:
+    """How each rank of the launch that started at `since` (time.time()) ended; older records are ignored."""
+    ends = []
+    for rank in range(world_size):
+        path = exit_record_path(directory, rank)
+        record = None
+        if path.is_file() and path.stat().st_mtime >= since:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = None
+        ends.append(RankEnd(rank, record))
+    return ends
+
+
+def last_lines(directory: Path, rank: int, since: float, count: int = TAIL_LINES) -> list[str]:
+    """The last lines rank wrote in the launch that started at `since` (nothing if its log is older)."""
+    path = log_path(directory, rank)
+    if not path.is_file() or path.stat().st_mtime < since:
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 256 * 1024))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(HEADER_PREFIX)]
+    if starts:
+        lines = lines[starts[-1] + 1:]
+    return [line for line in lines if line.strip()][-count:]
+
+
+def _first_line(text: str | None, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no message"
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def failure_report(directory: Path, world_size: int, since: float, exit_code: int) -> str:
+    """One paragraph per rank that caused the failure (the first ones to go), then a line for the others."""
+    ends = rank_ends(directory, world_size, since)
+    culprits = [end for end in ends if end.failed_itself] or [end for end in ends if end.record
+                                                               and end.record["code"] != 0]
+    parts = [f"deepy: the job failed (exit code {exit_code})."]
+    for end in culprits:
+        log = log_path(directory, end.rank)
+        if end.killed and not (log.is_file() and log.stat().st_mtime >= since):
+            parts.append(f"rank {end.rank} ended before it opened {log} (while starting up: its own message "
+                         "above says why, or it was killed)")
+            continue
+        if end.killed:
+            what = ("died without an exit record: killed by a signal (kill -9, the OOM killer, the scheduler) or "
+                    "a crash in native code")
+        else:
+            what = f"failed: {end.record['error'] or 'exit code ' + str(end.record['code'])}"
+        tail = last_lines(directory, end.rank, since)
+        shown = "\n".join(f"    {line}" for line in tail) if tail else "    (nothing logged)"
+        parts.append(f"rank {end.rank} {what}. Last lines of {log}:\n{shown}")
+    others = [end for end in ends if end not in culprits and end.record and end.record["code"] != 0]
+    for end in others:
+        parts.append(f"rank {end.rank} then stopped: it lost a peer ({_first_line(end.record['error'])})")
+    if not culprits:
+        parts.append(f"no rank reported an error; rank logs are in {directory}")
+    return "\n".join(parts)
