@@ -43,6 +43,10 @@ def read_hf_model(hf_dir: Path, gguf_file: str | None = None, progress: bool = T
         # transformers dequantises GGUF tensors while building the model; there is no lighter reader.
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), gguf_file=gguf_file, dtype=torch.float32)
         return model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory: it has no config.json. Pass --hf the "
+                              "directory save_pretrained (or a hub download) wrote: config.json, model.safetensors "
+                              "or pytorch_model.bin, and the tokenizer files; for a .gguf file add --gguf-file NAME")
     try:
         config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
     except (OSError, ValueError) as err:

@@ -6,30 +6,26 @@ Every rank runs the same lm_eval flow; the model calls are divided over the data
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
-from neox.config.resolved import load_resolved, to_dict
-from neox.data.errors import DataError
+from neox.config.resolved import to_dict
+from neox.entrypoint import RankProgram, run_rank_program
 from neox.eval.errors import EvalError
 from neox.eval.lm import NeoXLM
 from neox.eval.perplexity import PERPLEXITY_TASK, Perplexity, run_perplexity
 from neox.eval.results import lm_eval_tables, perplexity_table, results_path, write_results
 from neox.eval.runner import LocalRunner, Runner
 from neox.eval.task_index import check_task_names, task_manager
-from neox.parallel.runtime import Runtime, init_runtime
-from neox.tokenizer import Tokenizer, TokenizerError
+from neox.parallel.runtime import Runtime
+from neox.tokenizer import Tokenizer
 
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 
@@ -150,21 +146,13 @@ def report(cfg: NeoXConfig, outcome: EvalOutcome) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from neox.checkpoint import CheckpointError
+def _run(cfg: NeoXConfig, config_path: Path, runtime: Runtime) -> None:
+    run(cfg, runtime)
 
-    parser = argparse.ArgumentParser(prog="python -m neox.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="resolved config written by `deepy eval`")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_resolved(args.config)
-        runtime = init_runtime(cfg.launch.distributed_backend)
-        if runtime.world_size != cfg.derived.world_size:
-            raise EvalError(f"{runtime.world_size} ranks were started but {args.config} was resolved for "
-                            f"world_size {cfg.derived.world_size}; launch with `deepy eval`")
-        run(cfg, runtime)
-    except (EvalError, ConfigError, CheckpointError, TokenizerError, DataError) as err:
-        print(f"neox.eval: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+PROGRAM = RankProgram(module="neox.eval", launch_command="deepy eval", description=__doc__.splitlines()[0],
+                      body=_run, input_errors=(EvalError,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_rank_program(PROGRAM, argv)

@@ -155,7 +155,7 @@ def test_interactive_reads_prompts_from_stdin(work, model_config, checkpoint) ->
 def test_missing_checkpoint_and_bad_prompts_are_clear_errors(work, model_config, prompt_file) -> None:
     missing = deepy_generate(model_config, work / "no-such-ckpt", "-i", str(prompt_file), "-o", str(work / "x.jsonl"))
     assert missing.returncode != 0
-    assert "neox.generate: error" in missing.stderr and "no-such-ckpt" in missing.stderr
+    assert "deepy: error: 'load'" in missing.stderr and "no-such-ckpt" in missing.stderr  # before any rank starts
     assert "Traceback" not in missing.stderr
     assert not (work / "x.jsonl").exists()
     no_load = subprocess.run([sys.executable, str(DEEPY), "generate", str(model_config), "-i", str(prompt_file)],
