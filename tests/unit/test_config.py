@@ -339,8 +339,16 @@ def test_tiny_cpu_local_setup_and_finetune():
     assert cfg.optim.lr == pytest.approx(2e-4) and cfg.optim.optimizer["params"]["betas"] == [0.9, 0.95]
 
 
+def test_70m_config_has_pythia_70m_shape():
+    cfg = load_config(["70M.yml", "cpu.yml"], config_dir=CONFIGS, vocab_size=50277, local_gpus=0)
+    model = cfg.model
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads) == (6, 512, 8)
+    assert model.rotary_pct == 0.25 and model.gpt_j_residual and model.no_weight_tying
+    assert model.padded_vocab_size == 50304 and cfg.optim.lr == pytest.approx(1.0e-3)
+
+
 def test_every_shipped_config_is_covered():
-    covered = set(SIZES) | {"20B", "tiny", "cpu", "local_setup", "finetune-example", "cpu-3d", "3d-13B-64gpu"}
+    covered = set(SIZES) | {"70M", "20B", "tiny", "cpu", "local_setup", "finetune-example", "cpu-3d", "3d-13B-64gpu"}
     assert {p.stem for p in CONFIGS.glob("*.yml")} == covered
 
 
@@ -361,5 +369,38 @@ def test_split_argv_and_runner_argv(tmp_path):
                "master_addr: 10.0.0.1\nlauncher_args: '--account x'\n")
     argv = runner_argv(cfg, Path("r.yml"), entry="probe.py")
     assert argv == ["--hostfile", str(hosts), "--master_addr", "10.0.0.1", "--master_port", "29500",
-                    "--launcher", "slurm", "--launcher_args", "--account x", "--no_ssh", "--node_rank", "1",
+                    "--launcher", "slurm", "--launcher_args=--account x", "--no_ssh", "--node_rank", "1",
                     "--no_local_rank", "probe.py", "--config", "r.yml"]
+
+
+# ---------------------------------------------------------------- wandb switch, gpt-neox kernel-choice keys
+
+@pytest.mark.parametrize("extra,project", [
+    ("", None),                                              # nothing set: off
+    ("wandb_project: my-runs\n", "my-runs"),                 # the project alone turns it on
+    ("wandb_project: my-runs\nuse_wandb: false\n", None),    # an explicit off wins
+    ("use_wandb: true\n", "neox"),                           # gpt-neox style: on, default project
+    ("use_wandb: true\nwandb_project: p2\n", "p2"),
+])
+def test_wandb_is_on_when_a_project_is_set(tmp_path, extra, project):
+    assert load(tmp_path, MODEL + extra).log.active_wandb_project() == project
+
+
+def test_kernel_fusion_keys_are_accepted_with_one_warning(tmp_path, caplog):
+    from neox.config import kernel_keys
+
+    kernel_keys._warned.clear()
+    text = MODEL + "scaled_upper_triang_masked_softmax_fusion: true\nbias-gelu-fusion: true\nrope_fusion: false\n"
+    with caplog.at_level("WARNING", logger="neox.config"):
+        cfg = load(tmp_path, text, overrides=["--bias_dropout_fusion", "true"])
+        load(tmp_path, text)  # a second resolve (deepy resolves twice) says nothing new
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and all("neox picks fused kernels from the device" in m for m in lines)
+    assert any(f"{tmp_path / 'c0.yml'}:6: 'scaled_upper_triang_masked_softmax_fusion' ignored" in m for m in lines)
+    assert any(m.startswith("command line: 'bias_dropout_fusion' ignored") for m in lines)
+    assert cfg.model == load(tmp_path, MODEL).model  # nothing of the model changed
+    assert "rope_fusion" not in yaml.safe_dump(cfg.provenance)
+    # a non-boolean value is still an error, and keys that change the math stay unknown keys
+    assert "'rope_fusion' must be true or false" in error_of(tmp_path, MODEL + "rope_fusion: 3\n")
+    for key in ("fp16_lm_cross_entropy", "use_bnb_optimizer", "apply_query_key_layer_scaling"):
+        assert f"unknown config key '{key}'" in error_of(tmp_path, MODEL + f"{key}: true\n")

@@ -1,0 +1,221 @@
+"""Per-rank memory of a training run, term by term, as this code base and DeepSpeed allocate it.
+
+Model states (P = parameters on the rank after the tensor/pipeline split, N = data-parallel size, a = bytes of
+the training dtype: 4 for fp32, 2 for fp16/bf16):
+- parameters: a*P (ZeRO-3: a*P/N plus the gathered working set, one prefetch bucket beyond the largest layer);
+- gradients: a*P (ZeRO 0); a*P while backward produces them plus DeepSpeed's fp32 owned partition 4P/N
+  (ZeRO-1); 4P/N (ZeRO-2/3);
+- optimizer states: Adam's two fp32 moments 8P, and an fp32 master copy 4P unless the run is fp32 without ZeRO
+  (DeepSpeed's ZeRO optimizer keeps an fp32 copy of its partition even for fp32 models); divided by N for ZeRO >= 1;
+- ZeRO buffers: the gradient reduce bucket (reduce_bucket_size elements, twice with overlap_comm) that DeepSpeed
+  allocates with torch.empty: fully on a GPU, only the pages gradients touch (at most P elements) on a CPU.
+Activations, per micro-batch, in elements of T*h (T = micro-batch x seq_length tokens, h = hidden size), counted
+from the tensors autograd saves in neox/model/model.py (tests/unit/test_plan_estimates.py checks them with
+saved_tensors_hooks): block input and both norm outputs (tp-replicated; one more, x + attn, for a sequential
+residual; RMSNorm's normalised input); SDPA's q, k, v, its output and the re-laid-out output, the MLP's
+projection and activation outputs (split over tp). With checkpoint_activations only each block's input stays,
+plus one block recomputed during backward. The last stage adds the final norm, the logits and what the loss
+keeps (neox/model/loss.py: the logits and their gradient; with tp, vocab_parallel_cross_entropy's fp32
+temporaries). A pipeline stage holds min(stages - stage index, gradient accumulation) micro-batches
+in flight (1F1B schedule) and a send and a receive buffer per micro-batch.
+The peak is the largest of the model build (dp-only: the whole fp32 model on every rank; with tp/pp: the rank's
+tp shards, filled in one full parameter at a time from a meta-device model), the forward peak (states, gradients still held, activations), the step
+after backward (states and all gradients) and a checkpoint save, which adds an fp32 copy of the rank's parameters
+and Adam moments (the layout-free copy, neox/parallel/layout_state.py) to the states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neox.config.model import ModelConfig
+from neox.config.neox_config import NeoXConfig
+from neox.plan.params import StageParams
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bfloat16": 2}
+FP32 = 4
+# DeepSpeed's defaults for the keys a user's zero_optimization section may leave out.
+DEFAULT_REDUCE_BUCKET = 500_000_000
+DEFAULT_STAGE3_PREFETCH = 50_000_000
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes of one pipeline stage's activations at the forward peak."""
+
+    per_layer_elements: float  # saved tensors of one block per token per hidden unit, without checkpointing
+    in_flight: int  # micro-batches whose activations the stage holds at once
+    with_checkpointing: int
+    without_checkpointing: int
+    loss_block: int  # final norm, logits and the loss's tensors (last stage; included in the two above)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's memory by term (bytes); `peak` is what the run's high-water mark is estimated at."""
+
+    stage: int
+    params: int
+    gradients: int
+    gradients_in_forward: int  # the part of `gradients` already held while activations are alive
+    optimizer: int
+    buffers: int
+    activations: Activations
+    checkpoint_activations: bool
+    framework: int
+    save_copy: int  # transient during a checkpoint save
+    model_build: int  # every rank first builds the whole single-device model in fp32, then keeps its shard
+
+    @property
+    def activation_bytes(self) -> int:
+        a = self.activations
+        return a.with_checkpointing if self.checkpoint_activations else a.without_checkpointing
+
+    @property
+    def forward_peak(self) -> int:
+        return (self.framework + self.params + self.optimizer + self.buffers + self.gradients_in_forward
+                + self.activation_bytes)
+
+    @property
+    def step_peak(self) -> int:
+        return self.framework + self.params + self.optimizer + self.buffers + self.gradients
+
+    @property
+    def save_peak(self) -> int:
+        return self.step_peak - self.gradients + self.gradients_in_forward + self.save_copy
+
+    @property
+    def build_peak(self) -> int:
+        return self.framework + self.model_build
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward_peak, self.step_peak, self.save_peak, self.build_peak)
+
+    @property
+    def peak_phase(self) -> str:
+        phases = {"forward/backward": self.forward_peak, "optimizer step": self.step_peak,
+                  "checkpoint save": self.save_peak, "model build": self.build_peak}
+        return max(phases, key=phases.get)
+
+
+def layer_activation_elements(m: ModelConfig, tp: int) -> float:
+    """Saved elements per token per hidden unit of one block without checkpointing (see the module docstring)."""
+    kv = m.kv_heads / m.num_attention_heads
+    mlp_ratio = m.mlp_inner_size / m.hidden_size
+    replicated = 3.0 + (0.0 if m.gpt_j_residual else 1.0)  # block input, both norm outputs (+ x + attn)
+    if m.norm == "rmsnorm":
+        replicated += 2.0  # torch's rms_norm, unfused, also saves x * rsqrt(mean(x^2)) for each norm
+    attention = (1 + 2 * kv) + 2.0  # SDPA's q, k, v; its output and the re-laid-out output
+    # plain: input projection and activation output; gated: gate, activation output, linear1 output, product
+    mlp = (4.0 if m.gated_mlp else 2.0) * mlp_ratio
+    return replicated + (attention + mlp) / tp
+
+
+def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int) -> Activations:
+    m, t = cfg.model, cfg.train
+    a = DTYPE_BYTES[cfg.optim.precision]
+    tokens = t.train_micro_batch_size_per_gpu * m.seq_length
+    th = tokens * m.hidden_size
+    per_layer = layer_activation_elements(m, tp)
+    in_flight = min(pp - stage.index, t.gradient_accumulation_steps) if pp > 1 else 1
+    pipe_buffers = 2 * th * a if pp > 1 else 0
+    full = stage.blocks * per_layer * th * a
+    recompute = per_layer * th * a if stage.blocks else 0  # one block at a time, whatever is in flight
+    loss_block = 0
+    if stage.is_last:
+        logits = tokens * (m.padded_vocab_size // tp)
+        if tp == 1:
+            # neox/model/loss.py keeps the logits and one log-sum-exp per token, and backward writes one gradient.
+            per_logit = 2 * a
+        else:
+            # vocab_parallel_cross_entropy: an fp32 copy, the saved exp(shifted), two fp32 gradients, the cast back.
+            per_logit = a + 3 * FP32 + (FP32 if a != FP32 else 0) + a
+        loss_block = 2 * th * a + logits * per_logit  # + the final norm's input and output
+    with_ckpt = in_flight * (stage.blocks * th * a + pipe_buffers) + recompute
+    return Activations(
+        per_layer_elements=per_layer,
+        in_flight=in_flight,
+        with_checkpointing=int(with_ckpt + loss_block),
+        without_checkpointing=int(in_flight * (full + pipe_buffers) + loss_block),
+        loss_block=int(loss_block),
+    )
+
+
+def rank_memory(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int, dp: int, *, on_gpu: bool,
+                framework_bytes: int, total_params: int) -> RankMemory:
+    o = cfg.optim
+    zero = o.zero_stage
+    a = DTYPE_BYTES[o.precision]
+    p = stage.params
+    shard = -(-p // dp) if zero >= 1 else p
+    zcfg = o.zero_optimization
+    largest_layer = max(layer.per_tp_rank for layer in stage.layers)
+
+    if zero == 3:
+        prefetch = int(zcfg.get("stage3_prefetch_bucket_size", DEFAULT_STAGE3_PREFETCH))
+        params = a * (shard + min(p, largest_layer + prefetch))
+    else:
+        params = a * p
+    if zero == 0:
+        gradients = a * p
+    elif zero == 1:
+        gradients = a * p + FP32 * shard
+    else:
+        gradients = FP32 * shard
+    accumulating = cfg.train.gradient_accumulation_steps > 1
+    # Gradients are freed after each optimizer step (DeepSpeed sets them to None); those that live on through the
+    # next forward are ZeRO-2/3's owned partition, ZeRO-1's, and everything while micro-batches accumulate.
+    if accumulating:
+        in_forward = gradients
+    elif zero >= 1:
+        in_forward = FP32 * shard
+    else:
+        in_forward = 0
+    master = 0 if (o.precision == "fp32" and zero == 0) else FP32 * shard
+    optimizer = master + 2 * FP32 * shard
+
+    buffers = 0
+    if zero in (1, 2):
+        bucket = int(zcfg.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET))
+        contiguous = bool(zcfg.get("contiguous_gradients", True))
+        overlap = bool(zcfg.get("overlap_comm", False))
+        if contiguous and (zero == 2 or overlap):
+            touched = bucket if on_gpu else min(bucket, p)
+            bucket_bytes = FP32 if zero == 1 else a
+            buffers = touched * bucket_bytes * (2 if overlap else 1)
+    elif zero == 0 and dp > 1:
+        bucket = int(zcfg.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET))
+        buffers = min(bucket, p) * a  # flattened gradients of one all-reduce bucket
+
+    return RankMemory(
+        stage=stage.index,
+        params=params,
+        gradients=gradients,
+        gradients_in_forward=in_forward,
+        optimizer=optimizer,
+        buffers=buffers,
+        activations=stage_activations(cfg, stage, tp, pp),
+        checkpoint_activations=cfg.model.checkpoint_activations,
+        framework=framework_bytes,
+        save_copy=save_copy_bytes(cfg, p, on_gpu),
+        model_build=0 if on_gpu else model_build_bytes(cfg, total_params, tp, pp),  # GPU: the build is in host RAM
+    )
+
+
+def model_build_bytes(cfg: NeoXConfig, total_params: int, tp: int, pp: int) -> int:
+    """Host memory of building the model on a rank (neox/train/run.py). dp-only: the whole fp32 model. With tp or pp
+    the model is built on the meta device and each rank fills in its tp shard of every layer (DeepSpeed's pipeline
+    module holds all layers until it is partitioned), one full parameter at a time (neox/parallel/materialize.py):
+    the shards plus about two copies of the largest parameter (the embedding, unless an MLP matrix is larger)."""
+    if tp * max(pp, 1) == 1:
+        return FP32 * total_params
+    m = cfg.model
+    largest = max(m.padded_vocab_size * m.hidden_size, 3 * m.hidden_size * m.hidden_size,
+                  m.mlp_inner_size * m.hidden_size)
+    return FP32 * (-(-total_params // tp) + 2 * largest)
+
+
+def save_copy_bytes(cfg: NeoXConfig, params: int, on_gpu: bool) -> int:
+    """The layout-free checkpoint copy (fp32 weights + two Adam moments) a save gathers in host memory."""
+    saves = cfg.train.save is not None and getattr(cfg.train, "checkpoint_layout_free", True)
+    return 3 * FP32 * params if saves and not on_gpu else 0  # on a GPU it lands in host memory, not the device's

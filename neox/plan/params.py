@@ -1,0 +1,120 @@
+"""Parameter counts of the model and of each rank: tensor-parallel shards, pipeline stages, tied embeddings.
+
+Counted from the config, never by building the model, so a 20B plan costs nothing. The layer sequence is the
+pipeline's (neox/parallel/pipeline.py): embedding, the blocks, final norm, head; a tied head is a second copy of
+the embedding table on the last stage. Stages are cut by DeepSpeed's own functions, with
+the weights its PipelineModule gives them: 'parameters' a layer's parameter count, 'type:REGEX' 1 for a layer whose
+class name matches and 0 otherwise (partition_balanced); 'uniform' the layer count (partition_uniform).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from neox.config.errors import ConfigError
+from neox.config.model import ModelConfig
+
+# Class names of the pipeline's layers, which 'type:REGEX' partitioning matches (case-insensitive).
+EMBEDDING_LAYER = "EmbeddingPipe"
+BLOCK_LAYER = "TransformerLayerPipe"
+NORM_LAYER = "FinalNormPipe"
+HEAD_LAYER = "HeadPipe"
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One pipeline layer: its class name, its parameters in the whole model and on one tensor-parallel rank."""
+
+    kind: str
+    full: int
+    per_tp_rank: int
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one pipeline stage (one of its tensor-parallel ranks) holds."""
+
+    index: int
+    layers: tuple[LayerParams, ...]
+    is_first: bool  # holds the embedding, reads the tokens
+    is_last: bool  # holds the final norm and the head, computes the loss
+
+    @property
+    def params(self) -> int:
+        return sum(layer.per_tp_rank for layer in self.layers)
+
+    @property
+    def blocks(self) -> int:
+        return sum(layer.kind == BLOCK_LAYER for layer in self.layers)
+
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    total: int  # the single-device model's parameters (a tied head counted once)
+    stages: tuple[StageParams, ...]
+
+    @property
+    def largest_stage(self) -> StageParams:
+        return max(self.stages, key=lambda stage: stage.params)
+
+
+def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
+    """(parameters of one transformer block, of its shard on one tensor-parallel rank)."""
+    h, inner = m.hidden_size, m.mlp_inner_size
+    qkv_rows = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
+    attn_bias, mlp_bias = int(m.use_bias_in_attn_linear), int(m.use_bias_in_mlp)
+    norms = 2 * h * (1 + int(m.use_bias_in_norms))
+    mlp_in = (2 if m.gated_mlp else 1) * inner
+    # Column-parallel (qkv, linear1, gate): weight and bias split. Row-parallel (dense, linear2): weight split,
+    # bias replicated. Norms replicated.
+    split = qkv_rows * (h + attn_bias) + h * m.num_attention_heads * m.head_dim + mlp_in * (h + mlp_bias) + h * inner
+    replicated = norms + h * attn_bias + h * mlp_bias
+    return split + replicated, split // tp + replicated
+
+
+def model_layers(m: ModelConfig, tp: int) -> list[LayerParams]:
+    if m.padded_vocab_size is None:
+        raise ConfigError("the plan needs the vocabulary size: give a tokenizer that builds ('vocab_file', "
+                          "'merge_file') or set 'padded_vocab_size'")
+    h, vocab = m.hidden_size, m.padded_vocab_size
+    table = vocab * h
+    positions = m.max_positions * h if m.pos_emb == "learned" else 0  # replicated over tp
+    full_block, tp_block = block_params(m, tp)
+    norm = h * (1 + int(m.use_bias_in_norms))
+    layers = [LayerParams(EMBEDDING_LAYER, table + positions, table // tp + positions)]
+    layers += [LayerParams(BLOCK_LAYER, full_block, tp_block) for _ in range(m.num_layers)]
+    layers.append(LayerParams(NORM_LAYER, norm, norm))
+    # A tied head is the embedding table again (a TiedLayerSpec of the embedding in the pipeline).
+    layers.append(LayerParams(EMBEDDING_LAYER if not m.no_weight_tying else HEAD_LAYER, table, table // tp))
+    return layers
+
+
+def model_params(m: ModelConfig, tp: int, pp: int, partition_method: str) -> ModelParams:
+    layers = model_layers(m, tp)
+    total = sum(layer.full for layer in layers) - (0 if m.no_weight_tying else layers[-1].full)
+    if pp <= 1:
+        stage_layers = [layers] if m.no_weight_tying else [layers[:-1]]  # one stage holds one table
+        return ModelParams(total, (StageParams(0, tuple(stage_layers[0]), True, True),))
+    bounds = partition(layers, pp, partition_method)
+    stages = tuple(StageParams(i, tuple(layers[bounds[i]:bounds[i + 1]]), i == 0, i == pp - 1) for i in range(pp))
+    return ModelParams(total, stages)
+
+
+def partition(layers: list[LayerParams], parts: int, method: str) -> list[int]:
+    """Stage boundaries [0, b1, ..., len(layers)], from DeepSpeed's own partitioning functions."""
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    if method == "uniform":
+        return list(partition_uniform(len(layers), parts))
+    if method == "parameters":
+        weights = [layer.per_tp_rank for layer in layers]
+    elif method.startswith("type:"):
+        pattern = re.compile(method[5:], re.IGNORECASE)
+        weights = [1 if pattern.search(layer.kind) else 0 for layer in layers]
+        if sum(weights) == 0:
+            raise ConfigError(f"'pipe_partition_method' {method!r} matches no layer "
+                              f"({EMBEDDING_LAYER}, {BLOCK_LAYER}, {NORM_LAYER}, {HEAD_LAYER})")
+    else:
+        raise ConfigError(f"'pipe_partition_method' is {method!r}; use 'parameters', 'uniform' or 'type:REGEX'")
+    return [int(b) for b in partition_balanced(weights, parts)]

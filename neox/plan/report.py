@@ -1,0 +1,112 @@
+"""The plan as text: layout, batch arithmetic, parameters, per-rank memory by term, FLOPs and step time."""
+from __future__ import annotations
+
+from neox.plan.memory import RankMemory, model_build_bytes
+from neox.plan.plan import Plan
+
+GIB = 1024 ** 3
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.2f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.3g} s"
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, thr = plan.cfg, plan.throughput
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.derived
+    tp, pp = cfg.parallel.model_parallel_size, len(plan.params.stages)
+    per_node = d.world_size // max(d.node_count, 1)
+    lines = [f"deepy plan: {' '.join(cfg.sources)}"]
+    device = plan.accelerator.name if plan.accelerator else "CPU (this machine)"
+    lines.append(f"layout       world {d.world_size} = {d.node_count} node(s) x {per_node} rank(s) on {device}; "
+                 f"dp {d.data_parallel_size} x tp {tp} x pp {pp}; ZeRO stage {o.zero_stage}; {o.precision}")
+    lines.append(f"batch        micro-batch {t.train_micro_batch_size_per_gpu} x grad-accum "
+                 f"{t.gradient_accumulation_steps} x dp {d.data_parallel_size} = global batch {t.train_batch_size} "
+                 f"sequences x {m.seq_length} tokens = {thr.tokens_per_step:,} tokens/step")
+    lines.append(f"parameters   {plan.params.total:,} total; {plan.largest_stage_params:,} on the largest rank "
+                 f"(a tp shard of one pipeline stage)")
+    lines.append("")
+    lines += _memory_table(plan)
+    lines.append("")
+    lines.append(f"FLOPs        {_si(thr.model_flops_per_token, 'FLOP')}/token (6N + 12 L h s, as the training "
+                 f"loop counts them for MFU) = {_si(thr.model_flops_per_step, 'FLOP')}/step")
+    if m.checkpoint_activations:
+        lines.append(f"             {_si(thr.hardware_flops_per_token * thr.tokens_per_step, 'FLOP')}/step counting "
+                     "the recomputed forward (hardware FLOPs)")
+    lines.append(f"peak         {_si(plan.peak.flops, 'FLOP/s')} per rank: {plan.peak.source}")
+    lines.append(f"assumed MFU  {thr.mfu:.0%} (--mfu; covers communication, pipeline bubble "
+                 f"{thr.pipeline_bubble:.1%}, kernels below peak)")
+    lines.append(f"estimate     step {_duration(thr.step_time_s)}; {thr.tokens_per_s:,.0f} tokens/s "
+                 f"({thr.tokens_per_s / thr.world_size:,.0f} per rank); {_si(thr.model_flops_per_rank, 'FLOP/s')} "
+                 f"model / {_si(thr.hardware_flops_per_rank, 'FLOP/s')} hardware per rank")
+    if t.train_iters:
+        lines.append(f"             {t.train_iters:,} iterations = {thr.tokens_per_step * t.train_iters:,.0f} tokens "
+                     f"in {_duration(thr.step_time_s * t.train_iters)}")
+    return "\n".join(lines)
+
+
+def _memory_table(plan: Plan) -> list[str]:
+    ranks = plan.ranks
+    o = plan.cfg.optim
+    ckpt = plan.cfg.model.checkpoint_activations
+    head = f"{'memory per rank':<44}" + "".join(f"{'stage ' + str(r.stage):>12}" for r in ranks)
+    if len(ranks) == 1:
+        head = f"{'memory per rank':<44}{'':>12}"
+    stages = plan.params.stages
+    layers = ["+".join(part for part in ("emb" if st.is_first else "", str(st.blocks), "head" if st.is_last else "")
+                       if part) for st in stages]
+    counts = [f"{st.params / 1e6:,.1f}M" for st in stages]
+    rows: list[tuple[str, list[int]]] = [
+        (f"parameters ({o.precision}{', ZeRO-3 shard + working set' if o.zero_stage == 3 else ''})",
+         [r.params for r in ranks]),
+        (f"gradients{' (ZeRO shard)' if o.zero_stage >= 2 else ''}", [r.gradients for r in ranks]),
+        (f"optimizer: Adam m, v{' + fp32 master' if o.precision != 'fp32' or o.zero_stage else ''}"
+         f"{' / dp' if o.zero_stage else ''}", [r.optimizer for r in ranks]),
+        ("ZeRO / all-reduce buffers", [r.buffers for r in ranks]),
+        (f"activations, checkpointed{' (config)' if ckpt else ''}",
+         [r.activations.with_checkpointing for r in ranks]),
+        (f"activations, not checkpointed{'' if ckpt else ' (config)'}",
+         [r.activations.without_checkpointing for r in ranks]),
+        ("  of which logits + loss (last stage)", [r.activations.loss_block for r in ranks]),
+        ("framework (see below)", [r.framework for r in ranks]),
+    ]
+    if any(r.model_build for r in ranks):
+        rows.append(("model build (whole fp32 model)", [r.model_build for r in ranks]))
+    if any(r.save_copy for r in ranks):
+        rows.append(("checkpoint save copy (fp32 + moments)", [r.save_copy for r in ranks]))
+    lines = [head, f"  {'layers (embedding + blocks + head)':<42}" + "".join(f"{x:>12}" for x in layers),
+             f"  {'parameters on the rank':<42}" + "".join(f"{x:>12}" for x in counts)]
+    for label, values in rows:
+        lines.append(f"  {label:<42}" + "".join(f"{gib(v):>12}" for v in values))
+    lines.append(f"  {'peak (' + ('with' if ckpt else 'without') + ' checkpointing)':<42}"
+                 + "".join(f"{gib(r.peak):>12}" for r in ranks))
+    lines.append(f"  {'in flight micro-batches (1F1B)':<42}" + "".join(f"{r.activations.in_flight:>12}" for r in ranks))
+    big: RankMemory = plan.largest
+    verdict = "fits" if big.peak <= plan.capacity_bytes else "DOES NOT FIT"
+    lines.append(f"largest rank: stage {big.stage}, {gib(big.peak)} at the {big.peak_phase} of "
+                 f"{gib(plan.capacity_bytes)} ({plan.capacity_source}): {verdict}")
+    lines.append(f"framework: {gib(plan.baseline.bytes)}, {plan.baseline.how}")
+    if plan.accelerator is not None:
+        par = plan.cfg.parallel
+        build = model_build_bytes(plan.cfg, plan.params.total, par.model_parallel_size, par.pipe_parallel_size)
+        per_node = plan.cfg.derived.world_size // max(plan.cfg.derived.node_count, 1)
+        how = ("the whole fp32 model" if par.model_parallel_size * max(par.pipe_parallel_size, 1) == 1 else
+               "its fp32 tp shards of every layer, one full parameter at a time from a meta-device model")
+        lines.append(f"host RAM at start-up: each rank builds {how}: {gib(build)} per rank, "
+                     f"{gib(build * per_node)} per node of {per_node}")
+    return lines
