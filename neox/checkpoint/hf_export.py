@@ -54,8 +54,6 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | N
         vocab = cfg.model.padded_vocab_size if keep_padded_vocab else tokenizer.vocab_size
         hf_config = model_cfg_to_hf_config(cfg.model, arch, vocab)
         hf_config.architectures = [_HF_CLASS[arch]]
-        hf_config.eos_token_id = tokenizer.eod
-        hf_config.pad_token_id = tokenizer.pad
         hf_config.dtype = dtype
         hf_weights = to_hf_state_dict(cfg.model, weights, arch, vocab)
         del weights
@@ -68,12 +66,14 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | N
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
+            tokens = _special_token_ids(tokenizer, export_tokenizer(tokenizer, tmp))
+            for name, token_id in tokens.items():
+                setattr(hf_config, name, token_id)
             hf_config.save_pretrained(str(tmp))
-            _generation_config(tokenizer).save_pretrained(str(tmp))
+            _generation_config(tokens).save_pretrained(str(tmp))
             tensors = {k: v.to(_DTYPES[dtype]).contiguous().clone() for k, v in hf_weights.items()}
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             steps.update()
-            export_tokenizer(tokenizer, tmp)
             swap_into_place(tmp, out_dir)
             steps.update()
         except BaseException:
@@ -82,11 +82,20 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | N
     return out_dir
 
 
-def _generation_config(tokenizer):
+def _special_token_ids(tokenizer, hf_tokenizer) -> dict[str, int | None]:
+    """eos/bos/pad ids for config.json and generation_config.json: the exported tokenizer's own (an imported
+    instruct model's end-of-turn token, say), falling back to our end-of-document token for eos."""
+    eos = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else tokenizer.eod
+    pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else tokenizer.pad
+    return {"eos_token_id": eos, "bos_token_id": hf_tokenizer.bos_token_id, "pad_token_id": pad}
+
+
+def _generation_config(tokens: dict[str, int | None]):
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad if tokenizer.pad is not None
-                            else tokenizer.eod)
+    pad = tokens["pad_token_id"] if tokens["pad_token_id"] is not None else tokens["eos_token_id"]
+    return GenerationConfig(eos_token_id=tokens["eos_token_id"], bos_token_id=tokens["bos_token_id"],
+                            pad_token_id=pad)
 
 
 def _replaceable(path: Path) -> bool:

@@ -4,22 +4,28 @@ and the files AutoTokenizer loads for one of ours.
 Import prefers tokenizer.json (HFTokenizer), then vocab.json + merges.txt (GPT2BPETokenizer: exactly the HF
 vocabulary, no added pad token), then a SentencePiece tokenizer.model (SPMTokenizer); a GGUF file's tokenizer is
 rebuilt by transformers and saved as tokenizer.json.
-Export writes tokenizer.json + tokenizer_config.json through transformers' fast tokenizer class. GPT-2 vocab/merges
-are turned into a `tokenizers` BPE directly: transformers 5's GPT2TokenizerFast(vocab_file=, merges_file=) silently
-builds a one-token tokenizer.
+An imported HF tokenizer keeps transformers' files beside its tokenizer.json (tokenizer_config.json, chat template:
+HFTokenizer.files() lists them), so checkpoints carry them and export hands them back to transformers unchanged.
+Every other tokenizer type is rebuilt as a `tokenizers` backend giving our ids (hf_tokenizer_backends) and saved
+through PreTrainedTokenizerFast; a SentencePiece export also carries tokenizer.model. Each export is reloaded with
+AutoTokenizer and checked against our ids before it is accepted.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from neox.checkpoint.hf_tokenizer_backends import (Backend, TokenizerConversionError, bytelevel_backend,
+                                                   char_level_backend, spm_backend, tiktoken_backend)
 from neox.tokenizer import Tokenizer, TokenizerError, build_tokenizer
 from neox.tokenizer.bytelevel import ByteLevelBPETokenizer
+from neox.tokenizer.char_level import CharLevelTokenizer
 from neox.tokenizer.hf_json import HFTokenizer
+from neox.tokenizer.spm import SPMTokenizer
+from neox.tokenizer.tiktoken_named import TiktokenTokenizer
 
-
-class TokenizerConversionError(ValueError):
-    """A tokenizer cannot cross the Hugging Face boundary as asked."""
+__all__ = ["ImportedTokenizer", "TokenizerConversionError", "export_tokenizer", "import_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -67,43 +73,64 @@ def import_tokenizer(hf_dir: Path, work_dir: Path, gguf_file: str | None = None)
 
 
 def export_tokenizer(tokenizer: Tokenizer, out_dir: Path):
-    """Write tokenizer.json + tokenizer_config.json for `tokenizer` into out_dir; returns the HF tokenizer."""
+    """Write the Hugging Face tokenizer files for `tokenizer` into out_dir and return the HF tokenizer, reloaded
+    from out_dir by AutoTokenizer and checked to give our ids on a few probe texts."""
+    from transformers import AutoTokenizer
+
+    if isinstance(tokenizer, HFTokenizer) and len(tokenizer.files()) > 1:
+        # An imported HF tokenizer kept transformers' own files (special-token names, chat template): let
+        # transformers read and write them itself so nothing is lost.
+        AutoTokenizer.from_pretrained(str(tokenizer.path.parent), local_files_only=True).save_pretrained(str(out_dir))
+    else:
+        _save_backend(_backend(tokenizer), out_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    _check_same_ids(tokenizer, hf_tokenizer)
+    return hf_tokenizer
+
+
+def _backend(tokenizer: Tokenizer) -> Backend:
     import tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     if isinstance(tokenizer, HFTokenizer):
         backend = tokenizers.Tokenizer.from_file(str(tokenizer.path))
     elif isinstance(tokenizer, ByteLevelBPETokenizer):
-        backend = _bytelevel_backend(tokenizer)
+        backend = bytelevel_backend(tokenizer)
+    elif isinstance(tokenizer, SPMTokenizer):
+        return spm_backend(tokenizer)
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        return tiktoken_backend(tokenizer)
+    elif isinstance(tokenizer, CharLevelTokenizer):
+        return char_level_backend(tokenizer)
     else:
-        raise TokenizerConversionError(
-            f"tokenizer_type {tokenizer.name} has no Hugging Face tokenizer export; HFTokenizer (tokenizer.json), "
-            "GPT2BPETokenizer and HFGPT2Tokenizer (vocab.json + merges.txt) can be exported")
-    eos = backend.id_to_token(tokenizer.eod)
-    pad = backend.id_to_token(tokenizer.pad) if tokenizer.pad is not None else None
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad)
+        raise TokenizerConversionError(f"tokenizer_type {tokenizer.name} ({type(tokenizer).__name__}) has no Hugging "
+                                       "Face tokenizer export")
+    specials = {"eos_token": backend.id_to_token(tokenizer.eod)}
+    if tokenizer.pad is not None:
+        specials["pad_token"] = backend.id_to_token(tokenizer.pad)
+    return Backend(backend, specials)
+
+
+def _save_backend(backend: Backend, out_dir: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend.tokenizer, **backend.special_tokens,
+                                           split_special_tokens=backend.split_special_tokens)
     hf_tokenizer.save_pretrained(str(out_dir))
-    return hf_tokenizer
+    for path in backend.extra_files:
+        shutil.copy2(path, out_dir / _EXTRA_FILE_NAMES.get(path.suffix, path.name))
 
 
-def _bytelevel_backend(tokenizer: ByteLevelBPETokenizer):
-    """A `tokenizers` byte-level BPE giving the ids of our GPT-2 style tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+# SentencePiece users look for the model under transformers' name for it.
+_EXTRA_FILE_NAMES = {".model": "tokenizer.model"}
+_PROBES = ("Hello world", "In the beginning God created the heaven and the earth.\n\nAnd the earth was void.",
+           "  two  spaces, tabs\tand 1234567 digits", "naïve café Ångström", "I'm you're they'll")
 
-    bpe = tokenizer.bpe
-    vocab = dict(bpe.vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in bpe.merges]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    # HFGPT2Tokenizer matches its specials in text and may append them past the vocab; GPT2BPETokenizer only
-    # names the end-of-document token, which must exist for the export to carry an eos token.
-    specials = dict(tokenizer.specials_in_text) or {tok: i for tok, i in vocab.items() if i == tokenizer.eod}
-    for token, token_id in sorted(specials.items(), key=lambda item: item[1]):
-        if token not in vocab:
-            added = backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-            if added != 1 or backend.token_to_id(token) != token_id:
-                raise TokenizerConversionError(f"{tokenizer.name}: special token {token!r} would get id "
-                                               f"{backend.token_to_id(token)} instead of {token_id}")
-        else:
-            backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-    return backend
+
+def _check_same_ids(tokenizer: Tokenizer, hf_tokenizer) -> None:
+    """Refuse an export whose tokenizer would give other ids than ours (a model would read garbage)."""
+    for text in _PROBES:
+        ours, theirs = tokenizer.encode(text), hf_tokenizer(text)["input_ids"]
+        if ours != theirs:
+            raise TokenizerConversionError(
+                f"the exported Hugging Face tokenizer encodes {text!r} as {theirs[:12]} but {tokenizer.name} gives "
+                f"{ours[:12]}; the export was stopped rather than pair the model with a different tokenizer")

@@ -16,6 +16,7 @@ import yaml
 from neox.config.derive import derive
 from neox.config.errors import ConfigError
 from neox.config.fields import TypeMismatch, check_type, field_default, group_fields
+from neox.config.kernel_keys import KERNEL_CHOICE_KEYS, accept_kernel_key
 from neox.config.neox_config import COMMAND_LINE, DEFAULT, DERIVED_KEYS, GROUPS, KEY_GROUP, NeoXConfig
 from neox.config.validate import annotate, check_combinations, validate_groups
 from neox.config.yaml_file import normalise_key, read_config_file
@@ -125,13 +126,16 @@ def merge_layers(layers: Sequence[tuple[str, dict[str, Any], dict[str, int]]]) -
     for label, values, lines in layers:
         for key in values:
             _check_known(key, label, lines)
-        _merge(merged, values, "", label, lines, provenance)
+        for key in [k for k in values if k in KERNEL_CHOICE_KEYS]:
+            accept_kernel_key(key, values[key], f"{label}:{lines[key]}" if key in lines else label)
+        kept = {k: v for k, v in values.items() if k not in KERNEL_CHOICE_KEYS}
+        _merge(merged, kept, "", label, lines, provenance)
     return merged, provenance
 
 
 def _check_known(key: Any, label: str, lines: dict[str, int]) -> None:
     where = f"{label}:{lines[key]}" if key in lines else label
-    if key in KEY_GROUP:
+    if key in KEY_GROUP or key in KERNEL_CHOICE_KEYS:
         return
     if key in DERIVED_KEYS:
         raise ConfigError(

@@ -21,6 +21,9 @@ from neox.tokenizer.bytelevel import tiktoken_encoding
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
+# Files transformers' save_pretrained writes next to a tokenizer.json: which tokens are bos/eos/pad, the chat
+# template, and so on. They do not change the ids; they travel with the tokenizer.
+HF_SIDECAR_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 def _is_plain_bytelevel_bpe(config: dict[str, Any]) -> bool:
@@ -129,4 +132,8 @@ class HFTokenizer:
         return self._tokenizer.decode([int(token_id) for token_id in ids])
 
     def files(self) -> list[Path]:
-        return [self.path]
+        """tokenizer.json, plus the transformers files saved beside it (special-token names, chat template), so
+        checkpoints carry them and a Hugging Face export can restore them."""
+        if self.path.name != "tokenizer.json":
+            return [self.path]
+        return [self.path] + [self.path.with_name(n) for n in HF_SIDECAR_FILES if self.path.with_name(n).is_file()]

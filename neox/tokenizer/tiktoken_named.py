@@ -105,6 +105,11 @@ class TiktokenTokenizer:
         self.vocab_size = self._encoding.n_vocab
         self.eod = self._encoding.eot_token
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding itself (its ranks and split rule; the Hugging Face export rebuilds it)."""
+        return self._encoding
+
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode(text, allowed_special="all")
 

@@ -107,6 +107,11 @@ def test_import_finetune_export_generate(tmp_path):
     run([REPO_ROOT / "tools" / "convert_neox_to_hf.py", "--checkpoint", tmp_path / "ft", "--output", exported,
          "--quiet"])
     generate = transformers.pipeline("text-generation", model=str(exported), device="cpu")
+    # the instruct model's chat template and end-of-turn token came through training checkpoints and export
+    original = transformers.AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_NAME)
+    assert generate.tokenizer.chat_template == original.chat_template
+    assert generate.tokenizer.eos_token == original.eos_token == "<|im_end|>"
+    assert generate.model.generation_config.eos_token_id == original.eos_token_id
     prompt = "Question: What did the dragon guard on the hill of Emberfall?\nAnswer:"
     torch.manual_seed(0)
     out = generate(prompt, max_new_tokens=12, do_sample=True, top_k=40, top_p=0.9, temperature=0.7)
