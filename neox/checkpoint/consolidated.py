@@ -7,7 +7,8 @@ A trained checkpoint ({save}/global_stepN) holds DeepSpeed's files for the layou
   alignment padding, the flat vector cut into equal rank slices).
 - ZeRO 3: every parameter is cut separately into ceil(numel / ranks) pieces; rank r's `fp32_flat_groups` holds its
   piece of each parameter in order, so parameter i is the concatenation of the ranks' pieces, trimmed to numel.
-- Tensor / pipeline parallel: merged by neox.parallel from the layout-free state every checkpoint carries.
+- Tensor / pipeline parallel: merged by neox.parallel from the layout-free state checkpoints carry, or from
+  DeepSpeed's own files when saved without it (checkpoint_layout_free: false).
 All files are read with torch.load(weights_only=True): only tensors and a few plain DeepSpeed records are allowed.
 
 The consolidated format (what the HF converters read and write, and what finetune can start from):
@@ -118,15 +119,17 @@ def consolidate(checkpoint_dir: str | Path) -> tuple[NeoXConfig, StateDict]:
 
 def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDict:
     """Tensor/pipeline-parallel checkpoints: neox.parallel writes every rank's full-precision parameters in
-    single-device names (layout_free/) and knows how it split them; it merges them back."""
+    single-device names (layout_free/) and knows how it split them; it merges them back. A checkpoint saved
+    without that copy (checkpoint_layout_free: false) is merged from DeepSpeed's own files instead."""
+    from neox.parallel.layout_rebuild import merged_weights
     from neox.parallel.layout_state import consolidated_weights, has_layout_free_state
 
-    if not has_layout_free_state(checkpoint_dir):
-        raise CheckpointError(
-            f"{checkpoint_dir} was trained with model_parallel_size {cfg.parallel.model_parallel_size} / "
-            f"pipe_parallel_size {cfg.parallel.pipe_parallel_size} but has no layout_free/ state to merge the "
-            "shards from; it was written by an older neox")
-    weights = consolidated_weights(checkpoint_dir, tied_head=not cfg.model.no_weight_tying)
+    if has_layout_free_state(checkpoint_dir):
+        weights = consolidated_weights(checkpoint_dir, tied_head=not cfg.model.no_weight_tying)
+    else:
+        weights = merged_weights(checkpoint_dir)
+        if not cfg.model.no_weight_tying:
+            weights[_TIED_HEAD] = weights[_EMBEDDING]
     return {k: v.detach().to(torch.float32) for k, v in weights.items()}
 
 

@@ -22,8 +22,19 @@ class TrainConfig:
     load: str | None = option(None, "Checkpoint directory to resume (or, with finetune, to start) from.")
     save_interval: int | None = option(None, "Save a checkpoint every this many iterations (and at the end).")
     keep_last_n_checkpoints: int | None = option(None, "Delete older checkpoints beyond this many; None keeps all.")
+    checkpoint_layout_free: bool = option(
+        True, "Also write a layout-free copy (fp32 weights + Adam moments, ~3x the fp32 parameters) into every "
+        "checkpoint so any tp/pp/dp/ZeRO layout can resume it; false saves the space, and "
+        "tools/reshard_checkpoint.py builds the copy later from DeepSpeed's files."
+    )
     finetune: bool = option(
         False, "Load only the model weights from 'load': fresh optimizer, scheduler and iteration 0."
+    )
+    preempt_exit_code: int = option(
+        75,
+        "Exit code of a run stopped by SIGTERM/SIGUSR1 after its checkpoint: 'requeue me'. 75 is EX_TEMPFAIL "
+        "(sysexits.h, 'temporary failure, retry later'): apart from 0, 1 (crash), 2 (bad input) and 128+N "
+        "(killed by signal N), so a requeue rule can match it alone.",
     )
     eval_interval: int = option(1000, "Evaluate on the validation set every this many iterations.")
     eval_iters: int = option(100, "Validation batches per evaluation.")
@@ -43,5 +54,8 @@ class TrainConfig:
                 raise ConfigError(f"'{key}' must be >= 1, got {value}")
         if self.eval_iters < 0:
             raise ConfigError(f"'eval_iters' must be >= 0, got {self.eval_iters}")
+        if not 3 <= self.preempt_exit_code <= 125:
+            raise ConfigError(f"'preempt_exit_code' must be 3-125 (0-2 mean done, crash and bad input; 126+ are "
+                              f"the shell's and signal deaths'), got {self.preempt_exit_code}")
         if self.finetune and self.load is None:
             raise ConfigError("'finetune' needs 'load' (the checkpoint whose weights to start from)")

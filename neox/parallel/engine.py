@@ -1,6 +1,7 @@
 """The DeepSpeed engine for a tensor- and/or pipeline-parallel layout, with TrainEngine's interface.
 
-Built in one ordered place: tensor parallelism on the single-device model -> PipelineModule spec (when
+Built in one ordered place: tensor parallelism on the single-device model (a meta-device model is then
+materialised as this rank's shards of the single-device initial values) -> PipelineModule spec (when
 pipe_parallel_size >= 1) -> optimizer over this rank's parameters -> deepspeed.initialize with the grid as mpu
 -> gradient-norm clipping that counts tp-replicated and tied parameters once (ZeRO 0).
 """
@@ -13,6 +14,7 @@ import torch
 from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
 from neox.model import GPTNeoX
+from neox.parallel.materialize import is_meta, materialize
 from neox.parallel.parallelize import apply_tensor_parallel, install_grad_norm_clipper, lm_loss_fn
 from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
 from neox.parallel.topology import Topology
@@ -29,6 +31,10 @@ class ParallelTrainEngine:
 
         self.topo, self.device = topo, device
         apply_tensor_parallel(model, topo)
+        if is_meta(model):
+            # Built on the meta device: this rank's shards of the single-device initial values, one full
+            # parameter at a time (the full model never exists here).
+            materialize(model, topo)
         # Single-device names by parameter identity: the pipeline stages wrap these very parameters.
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.loss_fn = lm_loss_fn(topo, cfg.model.padded_vocab_size)

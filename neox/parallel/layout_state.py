@@ -8,8 +8,11 @@ dp). Next to them every checkpoint gets
 holding that rank's parameters in single-device names (tp shards as they are; stages disjoint) with the full,
 dp-gathered fp32 value, exp_avg and exp_avg_sq, plus the optimizer step and the loop's client state. Reading
 merges the tp shards with the sharding plan (neox/parallel/sharding.py) and the stages into one single-device
-state; loading slices it for the new layout and writes weights and moments into the new engine. So
-tp=2,pp=2 -> tp=1,pp=1 (and any other change of tp, pp, dp or ZeRO stage 0-2) resumes exactly.
+state; loading slices it for the new layout and writes weights and moments into the new engine: a plain torch
+optimizer, ZeRO 1/2/3 partitions, or the fp32 masters of DeepSpeed's 16-bit optimizers at ZeRO 0 (the unfused
+one, and the bf16 one of pipelines). So tp=2,pp=2 -> tp=1,pp=1, or -> dp=2 ZeRO-3 (any change of tp, pp, dp or
+ZeRO stage) resumes exactly. Saved with checkpoint_layout_free: false, the copy is rebuilt offline from DeepSpeed's
+files (neox/parallel/layout_rebuild.py, tools/reshard_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -76,14 +79,29 @@ def _optimizer_step(engine) -> float:
     return 0.0
 
 
-def _full_values(engine, param: torch.nn.Parameter) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _unfused_masters(engine) -> dict[int, torch.Tensor]:
+    """id(model parameter) -> its fp32 master copy, for DeepSpeed's unfused fp16/bf16 optimizer (what bf16 or fp16
+    with ZeRO 0 and a torch optimizer gets, outside a pipeline): it steps a per-parameter fp32 copy that the
+    parameter itself (16-bit) only mirrors. Empty for every other engine."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = _wrapper(engine)
+    if not isinstance(wrapper, FP16_UnfusedOptimizer):
+        return {}
+    return {id(lp): master for lp_group, master_group in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+            for lp, master in zip(lp_group, master_group)}
+
+
+def _full_values(engine, param: torch.nn.Parameter,
+                 masters: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(fp32 weight, {moment: value}) of one parameter, gathered over dp (collective over the dp group)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if not _wrapped(param):
-        state = _torch_optimizer(engine).state.get(param, {})
-        return param.detach().float().cpu().clone(), {k: state[k].detach().float().cpu().clone()
-                                                       for k in MOMENTS if k in state}
+        master = masters.get(id(param), param)
+        state = _torch_optimizer(engine).state.get(master, {})
+        return master.detach().float().cpu().clone(), {k: state[k].detach().float().cpu().clone()
+                                                        for k in MOMENTS if k in state}
     weight = safe_get_full_fp32_param(param)
     moments = {}
     for key in MOMENTS:
@@ -104,21 +122,39 @@ def save_layout_free_state(ckpt_dir: Path, engine, param_names: dict[int, str], 
         wrapper._lazy_init_hp_params_optimizer_state()
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in MOMENTS}
+    masters = _unfused_masters(engine)
     for param in _owned(engine):
         name = param_names[id(param)]
-        weights[name], param_moments = _full_values(engine, param)
+        weights[name], param_moments = _full_values(engine, param, masters)
         for key, value in param_moments.items():
             moments[key][name] = value
     if topo.dp_rank != 0:
         return
-    path = _file(ckpt_dir, topo.pp_rank, topo.tp_rank)
+    write_layout_free_file(ckpt_dir, StageShard(topo.pp_rank, topo.pp_size, topo.tp_rank, topo.tp_size),
+                           _optimizer_step(engine), client_state, weights, moments)
+
+
+@dataclass(frozen=True)
+class StageShard:
+    """Which (pipeline stage, tp rank) of which layout a layout-free file holds."""
+    pp_rank: int
+    pp_size: int
+    tp_rank: int
+    tp_size: int
+
+
+def write_layout_free_file(ckpt_dir: Path, shard: StageShard, step: float, client_state: dict[str, Any],
+                           weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """One pp{S}-tp{T}.pt file: this shard's parameters in single-device names (tp-sharded as trained)."""
+    path = _file(ckpt_dir, shard.pp_rank, shard.tp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "tp_rank": topo.tp_rank, "tp_size": topo.tp_size, "pp_rank": topo.pp_rank,
-               "pp_size": topo.pp_size, "step": _optimizer_step(engine), "client_state": dict(client_state),
+    payload = {"format": FORMAT, "tp_rank": shard.tp_rank, "tp_size": shard.tp_size, "pp_rank": shard.pp_rank,
+               "pp_size": shard.pp_size, "step": float(step), "client_state": dict(client_state),
                "weights": weights, "moments": moments}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+    return path
 
 
 def has_layout_free_state(ckpt_dir: Path) -> bool:
@@ -129,8 +165,9 @@ def read_layout_free_state(ckpt_dir: Path) -> FullState:
     """Merge every (stage, tp rank) file of a checkpoint into the single-device state."""
     files = sorted((ckpt_dir / STATE_DIR).glob("pp*-tp*.pt"))
     if not files:
-        raise LayoutStateError(f"{ckpt_dir} has no {STATE_DIR}/ files: it was written before layout-free state "
-                               "existed, so it can only be resumed at the layout that wrote it")
+        raise LayoutStateError(f"{ckpt_dir} has no {STATE_DIR}/ files (saved with checkpoint_layout_free: false, or "
+                               "by an older neox): build them with `python tools/reshard_checkpoint.py --checkpoint "
+                               f"{ckpt_dir}`, or resume at the layout that wrote it")
     payloads = [torch.load(f, weights_only=True) for f in files]
     tp_size, pp_size = payloads[0]["tp_size"], payloads[0]["pp_size"]
     by_coord = {(p["pp_rank"], p["tp_rank"]): p for p in payloads}
@@ -161,62 +198,108 @@ def consolidated_weights(ckpt_dir: Path, tied_head: bool) -> dict[str, torch.Ten
     return weights
 
 
+# The fp32 flat partitions that each DeepSpeed wrapper hands its torch optimizer (one per param group or sub-group).
+_FLAT_PARTITIONS = ("single_partition_of_fp32_groups",  # ZeRO 1/2
+                    "fp32_groups_flat_partition",  # the bf16 optimizer (bf16 with ZeRO 0)
+                    "fp32_partitioned_groups_flat")  # ZeRO 3
+
+
+def _flat_partitions(wrapper) -> list[torch.Tensor]:
+    for attr in _FLAT_PARTITIONS:
+        if hasattr(wrapper, attr):
+            return list(getattr(wrapper, attr))
+    raise LayoutStateError(f"DeepSpeed optimizer wrapper {type(wrapper).__name__} keeps its fp32 state in none of "
+                           f"{_FLAT_PARTITIONS}: a checkpoint of another layout cannot be loaded into it; resume at "
+                           "the layout that wrote the checkpoint")
+
+
+def _step_tensor(optimizer: torch.optim.Optimizer, step: float, device: torch.device) -> torch.Tensor:
+    # torch's fused Adam keeps the step count on the parameters' device, the other implementations on the CPU.
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    return torch.tensor(step, dtype=torch.float32, device=device if fused else torch.device("cpu"))
+
+
 def _fresh_wrapper_states(wrapper, step: float) -> None:
-    """ZeRO 1/2 create Adam state lazily at the first step; make it now to fill it in."""
-    for flat in wrapper.single_partition_of_fp32_groups:
-        wrapper.optimizer.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+    """DeepSpeed's wrappers create Adam state lazily at the first step; make it now (zeros at the checkpoint's step
+    count) so that the moments can be written into it."""
+    for flat in _flat_partitions(wrapper):
+        wrapper.optimizer.state[flat] = {"step": _step_tensor(wrapper.optimizer, step, flat.device),
                                          "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    wrapper._hp_optimizer_states_linked = False
-    wrapper._lazy_init_hp_params_optimizer_state()
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 and the bf16 optimizer point each parameter at its slice of the state: point them at the new one.
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _set_zero3_partition(wrapper, param: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
+    """Write this dp rank's piece of a full fp32 value (key None: the weight, else an Adam moment) into ZeRO-3's
+    partition. DeepSpeed's own setter slices past the end of the value when the parameter does not split evenly
+    over the ranks (the last piece is padded), so the padding is done here."""
+    partition, group = wrapper._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    size = partition.numel()
+    piece = full.reshape(-1)[wrapper._get_param_partition_rank(param) * size:][:size]
+    with torch.no_grad():
+        partition.zero_()
+        partition[:piece.numel()].copy_(piece.to(partition.dtype))
+    if wrapper._swappable_optimizer_subgroup(group):
+        wrapper._optimizer_states_and_gradient_swap_out(group)
+
+
+def _zero3_copy_master_to_model(wrapper) -> None:
+    """ZeRO-3 keeps the module's (possibly bf16) partitions apart from the fp32 masters: refresh them, as a step
+    does."""
+    for group in range(len(wrapper.fp16_groups)):
+        wrapper._reassign_or_swap_out_partitioned_parameters(group)
 
 
 def load_layout_free_state(engine, param_names: dict[int, str], topo: Topology, full: FullState,
                            weights_only: bool = False) -> None:
     """Write this rank's slice of `full` into the engine's parameters (and, unless weights_only, the Adam
-    moments and step). Not collective."""
+    moments and step): plain torch optimizer, ZeRO 1/2/3 partitions or a 16-bit optimizer's fp32 masters.
+    Not collective."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     params = list(engine.module.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
-        raise LayoutStateError("a checkpoint of another layout cannot be loaded into a ZeRO-3 engine, which keeps "
-                               "weights and Adam state in its own partitions: resume at zero_optimization.stage 0, 1 "
-                               "or 2 (the checkpoint itself may come from any stage)")
     unknown = [param_names.get(id(p), "?") for p in params if param_names.get(id(p)) not in full.weights]
     if unknown:
         raise LayoutStateError(f"the checkpoint's layout-free state lacks {unknown[:5]}: it is of another model")
     wrapper = _wrapper(engine)
-    if wrapper is not None and not hasattr(wrapper, "single_partition_of_fp32_groups"):
-        # DeepSpeed's bf16 optimizer (bf16 with ZeRO 0): its restored moments do not take (the loss departs after
-        # the first resumed step), so it is refused rather than resumed wrongly.
-        raise LayoutStateError("a checkpoint of another layout cannot be loaded into DeepSpeed's bf16 optimizer "
-                               "(precision bfloat16 with zero_optimization.stage 0): resume with "
-                               "zero_optimization.stage 1 or 2 (or fp32); the checkpoint may come from any of them")
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    masters = _unfused_masters(engine)
     restore_moments = not weights_only and bool(full.moments.get("exp_avg"))
-    if wrapper is not None and restore_moments:
+    if wrapper is not None and restore_moments and not masters:
         _fresh_wrapper_states(wrapper, full.step)
     for param in params:
         name = param_names[id(param)]
         value = shard_tensor(name, full.weights[name], topo.tp_rank, topo.tp_size)
-        if value.shape != param.shape:
-            raise LayoutStateError(f"{name}: checkpoint shard {tuple(value.shape)} vs model {tuple(param.shape)} "
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 parameter's own tensor is emptied
+        if tuple(value.shape) != shape:
+            raise LayoutStateError(f"{name}: checkpoint shard {tuple(value.shape)} vs model {shape} "
                                    f"at tp rank {topo.tp_rank}/{topo.tp_size}")
+        moments = {}
+        if restore_moments and name in full.moments["exp_avg"]:
+            moments = {k: shard_tensor(name, full.moments[k][name], topo.tp_rank, topo.tp_size) for k in MOMENTS}
+        if zero3:
+            for key, tensor in ((None, value), *moments.items()):
+                _set_zero3_partition(wrapper, param, tensor, key)
+            continue
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
         if _wrapped(param):
             safe_set_full_fp32_param(param, value.to(param.device))
-        if not restore_moments or name not in full.moments["exp_avg"]:
-            continue
-        moments = {k: shard_tensor(name, full.moments[k][name], topo.tp_rank, topo.tp_size).to(param.device)
-                   for k in MOMENTS}
-        if _wrapped(param):
             for key, moment in moments.items():
-                safe_set_full_optimizer_state(param, moment, key)
-        else:
+                safe_set_full_optimizer_state(param, moment.to(param.device), key)
+            continue
+        master = masters.get(id(param), param)  # the tensor the torch optimizer steps
+        if master is not param:
+            with torch.no_grad():
+                master.copy_(value.to(master.dtype))
+        if moments:
             optimizer = _torch_optimizer(engine)
-            fused = any(g.get("fused") for g in optimizer.param_groups)
-            step_device = param.device if fused else torch.device("cpu")
-            optimizer.state[param] = {"step": torch.tensor(full.step, dtype=torch.float32, device=step_device),
-                                      **moments}
+            optimizer.state[master] = {"step": _step_tensor(optimizer, full.step, master.device),
+                                       **{k: m.to(master.device) for k, m in moments.items()}}
+    if zero3:
+        _zero3_copy_master_to_model(wrapper)
 
 
 def layout_of(cfg) -> dict[str, int]:

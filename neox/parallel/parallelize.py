@@ -1,8 +1,9 @@
 """Apply tensor parallelism to a single-device GPTNeoX, in one ordered place (the model file knows nothing of it).
 
 Order: check sizes divide -> swap column/row-parallel linears by module name -> make attention count local
-heads -> vocab-parallel embedding -> vocab-parallel head (tied to the embedding shard when weights are tied)
--> mark tp-replicated parameters (norms, row-parallel biases) so the gradient norm counts them once.
+heads and draw its dropout masks per tp rank -> vocab-parallel embedding -> vocab-parallel head (tied to the
+embedding shard when weights are tied) -> mark tp-replicated parameters (norms, row-parallel biases) so the
+gradient norm counts them once. Works on a meta-device model too (neox/parallel/materialize.py fills it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from neox.model import GPTNeoX, causal_lm_loss
 from neox.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 from neox.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   VocabParallelHead, mark_parallel, shard_rows, vocab_parallel_lm_loss)
+from neox.parallel.rng import use_tp_rank_dropout
 from neox.parallel.topology import Topology, check_model_divides
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -45,6 +47,8 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology) -> GPTNeoX:
             attn.kv_heads //= tp
             if attn.alibi_slopes is not None:
                 attn.alibi_slopes = attn.alibi_slopes.chunk(tp)[rank].clone()
+            # Each rank holds other heads: one shared stream would give them the same attention-dropout masks.
+            use_tp_rank_dropout(attn, rank, tp)
         tied = model.head.weight is model.embedding.word_embeddings.weight
         embedding = VocabParallelEmbedding(model.embedding.word_embeddings, group, rank, tp)
         model.embedding.word_embeddings = embedding

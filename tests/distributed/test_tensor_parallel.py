@@ -91,3 +91,26 @@ def test_dropout_keeps_tp_replicated_activations_identical():
     for r in run_distributed(tp_checks.dropout_stays_replicated, 2):
         assert r["dropout_active"]
         assert r["replicated"] and r["same_loss"]
+
+
+def test_attention_dropout_masks_differ_per_tp_rank_and_hidden_dropout_masks_do_not():
+    for r in run_distributed(tp_checks.attention_dropout_per_tp_rank, 2):
+        assert r["heads_identical_without_dropout"]
+        assert r["attention_masks_differ"]
+        assert r["hidden_masks_equal"] and r["rng_in_step"]
+        assert r["recompute_same_mask"]
+
+
+META_VARIANTS = [
+    {},
+    {"num_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm", "no_weight_tying": True},
+    {"pos_emb": "alibi", "init_method": "small_init", "output_layer_init_method": "wang_init"},
+    {"pos_emb": "learned", "use_bias_in_attn_linear": False, "init_method": "orthogonal"},
+]
+
+
+def test_meta_build_materialises_the_full_builds_shards():
+    for rank_results in run_distributed(tp_checks.meta_build_matches_full_build, 2, META_VARIANTS):
+        for changes, r in zip(META_VARIANTS, rank_results):
+            assert r["same_keys"] and not r["mismatched"], (changes, r["mismatched"])
+            assert r["tied_kept"] and r["marks_kept"] and r["buffers_equal"] and r["rng_equal"], (changes, r)

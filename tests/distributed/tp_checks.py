@@ -162,3 +162,83 @@ def _final_hidden(model, tokens):
         model.eval()(tokens)
     handle.remove()
     return captured["x"]
+
+
+def attention_dropout_per_tp_rank() -> dict:
+    """tp ranks holding identical heads (the second half of every qkv copied from the first) draw different
+    attention-dropout masks, while hidden dropout on the replicated stream keeps equal masks; activation
+    recomputation redraws the same attention mask (gradients equal those of the plain forward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from neox.parallel.parallelize import apply_tensor_parallel
+    from neox.parallel.rng import dropout_seed
+    from neox.parallel.topology import build_topology
+
+    topo = build_topology(dist.get_world_size(), 0)
+    torch.manual_seed(5)
+    model = GPTNeoX(model_cfg(hidden_dropout=0.3, attention_dropout=0.5))
+    with torch.no_grad():
+        for block in model.blocks:
+            for tensor in (block.attention.query_key_value.weight, block.attention.query_key_value.bias):
+                half = tensor.shape[0] // 2
+                tensor[half:] = tensor[:half]
+    apply_tensor_parallel(model, topo)
+    local_heads, replicated = [], []
+    for block in model.blocks:
+        block.attention.dense.register_forward_pre_hook(lambda m, args: local_heads.append(args[0].detach()))
+    model.final_norm.register_forward_hook(lambda m, args, out: replicated.append(args[0].detach()))
+    tokens = torch.randint(0, VOCAB, (2, 16))
+
+    model.eval()(tokens)
+    heads_identical_without_dropout = all(torch.equal(*_gather(t)) for t in local_heads)
+    local_heads.clear()
+    replicated.clear()
+    torch.manual_seed(dropout_seed(1234, topo))
+    model.train()(tokens)
+    rng_in_step = torch.equal(*_gather(torch.get_rng_state()))
+
+    # Recomputation restores the default stream and must redraw the very attention mask.
+    attention = model.blocks[0].attention
+    x = torch.randn(2, 16, 32)
+    grads = []
+    for recompute in (False, True):
+        attention.zero_grad()
+        torch.manual_seed(99)
+        out = checkpoint(attention, x, use_reentrant=False) if recompute else attention(x)
+        out.square().sum().backward()
+        grads.append(attention.query_key_value.weight.grad.clone())
+    return {"heads_identical_without_dropout": heads_identical_without_dropout,
+            "attention_masks_differ": all(not torch.equal(*_gather(t)) for t in local_heads),
+            "hidden_masks_equal": torch.equal(*_gather(replicated[0])),
+            "rng_in_step": rng_in_step, "recompute_same_mask": torch.equal(*grads)}
+
+
+def meta_build_matches_full_build(variants: list[dict]) -> list[dict]:
+    """Per variant: the tp shards materialised from a meta-built model equal those of the full build (seeded
+    alike), and the RNG ends in the same state."""
+    from neox.parallel.materialize import materialize, meta_model
+    from neox.parallel.parallelize import apply_tensor_parallel
+    from neox.parallel.topology import build_topology
+
+    topo = build_topology(dist.get_world_size(), 0)
+    results = []
+    for changes in variants:
+        cfg = model_cfg(**changes)
+        torch.manual_seed(11)
+        full = apply_tensor_parallel(GPTNeoX(cfg), topo)
+        full_rng = torch.get_rng_state()
+        torch.manual_seed(11)
+        meta = apply_tensor_parallel(meta_model(cfg), topo)
+        assert all(p.is_meta for p in meta.parameters())
+        materialize(meta, topo)
+        want, got = full.state_dict(), meta.state_dict()
+        buffers = dict(full.named_buffers(remove_duplicate=False))
+        results.append({
+            "same_keys": sorted(want) == sorted(got),
+            "mismatched": [k for k in want if not torch.equal(want[k], got[k])],
+            "tied_kept": (meta.head.weight is meta.embedding.word_embeddings.weight) == (not cfg.no_weight_tying),
+            "marks_kept": all(hasattr(p, "neox_tp_sharded") for p in meta.parameters()),
+            "buffers_equal": all(torch.equal(b, dict(meta.named_buffers(remove_duplicate=False))[n])
+                                 for n, b in buffers.items()),
+            "rng_equal": torch.equal(torch.get_rng_state(), full_rng)})
+    return results

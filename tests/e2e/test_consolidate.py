@@ -154,11 +154,14 @@ def test_bad_checkpoints_are_clear_errors(runs, tmp_path):
     (torn / "config.yml").write_text(cfg_text.replace("precision: fp32", "precision: bfloat16"))
     with pytest.raises(CheckpointError, match="partitioned over 2 ranks but 1"):
         consolidate(torn)
+    # A tensor-parallel checkpoint without its layout-free copy is merged from DeepSpeed's files: one whose
+    # config claims a tp size its files do not have is refused, naming the missing file.
     sharded = tmp_path / "sharded" / "global_step6"
     shutil.copytree(ckpt, sharded)
-    (sharded / "layer_00-model_states.pt").write_bytes(b"")
+    (sharded / "config.yml").write_text((sharded / "config.yml").read_text().replace(
+        "model_parallel_size: 1", "model_parallel_size: 2", 1))
     shutil.rmtree(sharded / "layout_free", ignore_errors=True)
-    with pytest.raises(CheckpointError, match="no layout_free"):
+    with pytest.raises(CheckpointError, match="mp_rank_01_model_states.pt"):
         consolidate(sharded)
 
 
@@ -180,10 +183,17 @@ def test_bf16_zero2_gives_the_fp32_master_weights(work, model_config, tokens):
     assert set(reference) == set(weights) and all(torch.equal(reference[k], weights[k]) for k in weights)
 
 
-def test_char_level_tokenizer_cannot_be_exported(runs, tmp_path):
-    from neox.checkpoint.hf_export import export_to_hf
-    from neox.checkpoint.hf_tokenizer import TokenizerConversionError
+def test_char_level_model_exports_to_hugging_face(runs, tmp_path, tokens):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with pytest.raises(TokenizerConversionError, match="CharLevelTokenizer has no Hugging Face tokenizer export"):
-        export_to_hf(runs["zero0"].save_dir, tmp_path / "hf", progress=False)
-    assert not any(tmp_path.iterdir())  # nothing half-written
+    from neox.checkpoint.hf_export import export_to_hf
+
+    cfg, weights = consolidate(find_checkpoint(runs["zero0"].save_dir))
+    out = export_to_hf(runs["zero0"].save_dir, tmp_path / "hf", progress=False)
+    text = "In the beginning God created the heaven and the earth.\n"
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer(text)["input_ids"] == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
+    hf_model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        hf_logits = hf_model(tokens).logits
+    assert (hf_logits - _logits(weights, cfg, tokens)[..., :512]).abs().max() < 1e-4
