@@ -79,7 +79,7 @@ class DecodeRequest:
     use_cache: bool = True
     max_positions: int | None = None  # longest prompt of the batch + continuation may not exceed it
     return_logits: bool = False
-    packed_gemm: bool = True  # decode steps on MKL's packed GEMM when the model is fp32 on CPU (packed.py)
+    packed_gemm: bool = True  # decode steps on packed GEMM weights when the model is fp32/bf16 on CPU (packed.py)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

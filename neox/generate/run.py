@@ -6,9 +6,6 @@ its last stage sampled) -> rank 0 writes sample_output_file.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +15,12 @@ import torch
 from neox.config.errors import ConfigError
 from neox.config.generate import GenerateConfig
 from neox.config.neox_config import NeoXConfig
-from neox.config.resolved import load_resolved
+from neox.entrypoint import RankProgram, run_rank_program
 from neox.generate.decode import DecodeRequest, GenerationError, StopStrings, TokenSync, timed_decode
 from neox.generate.samples_io import Sample, read_prompts, write_samples
 from neox.generate.sampling import SamplingError, SamplingParams
 from neox.model import GPTNeoX
-from neox.parallel.runtime import Runtime, init_runtime
+from neox.parallel.runtime import Runtime
 from neox.tokenizer import Tokenizer, TokenizerError
 
 INTERACTIVE_PROMPT = "Context prompt >>> "
@@ -183,9 +180,17 @@ def generation_mode(settings: GenerateConfig) -> str:
     return "input-file" if settings.sample_input_file else "unconditional"
 
 
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def model_dtype(cfg: NeoXConfig, runtime: Runtime) -> torch.dtype:
+    chosen = cfg.generate.decode_precision
+    if chosen != "auto":
+        if chosen == "fp16" and not runtime.is_cuda:
+            raise ConfigError("'decode_precision: fp16' needs a GPU (CPU fp16 matmuls are emulated); use bf16 or fp32")
+        return DECODE_DTYPES[chosen]
     if not runtime.is_cuda:
-        return torch.float32  # CPU half-precision matmuls are slower than fp32 on most machines
+        return torch.float32  # CPU half-precision matmuls are slower than fp32 unless packed (decode_precision)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision, torch.float32)
 
 
@@ -250,22 +255,14 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from neox.checkpoint import CheckpointError
+def _run(cfg: NeoXConfig, config_path: Path, runtime: Runtime) -> None:
+    run(cfg, runtime)
+    _leave_process_group()
 
-    parser = argparse.ArgumentParser(prog="python -m neox.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="resolved config written by `deepy generate`")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_resolved(args.config)
-        runtime = init_runtime(cfg.launch.distributed_backend)
-        if runtime.world_size != cfg.derived.world_size:
-            raise GenerateError(f"{runtime.world_size} ranks were started but {args.config} was resolved for "
-                                f"world_size {cfg.derived.world_size}; launch with `deepy generate`")
-        run(cfg, runtime)
-        _leave_process_group()
-    except (*_INPUT_ERRORS, CheckpointError) as err:
-        print(f"neox.generate: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+PROGRAM = RankProgram(module="neox.generate", launch_command="deepy generate", description=__doc__.splitlines()[0],
+                      body=_run, input_errors=_INPUT_ERRORS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_rank_program(PROGRAM, argv)

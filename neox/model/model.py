@@ -23,7 +23,9 @@ from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
 from neox.model.cache import KVCache
 from neox.model.init import init_weights
-from neox.model.positions import RotaryTable, alibi_slopes, apply_rotary
+from neox.model.heads import split_heads
+from neox.model.loss import token_cross_entropy
+from neox.model.positions import RotaryTable, alibi_slopes
 
 ACTIVATION_FNS = {
     "gelu": F.gelu,
@@ -111,24 +113,13 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        g = self.group_size
         start = cache.length if cache is not None else 0
-        qkv = self.query_key_value(x).view(b, s, self.kv_heads, g + 2, self.head_dim)
+        cos = sin = None
         if self.rotary is not None:
-            # q and k of a group are adjacent in the fused layout: rotate them in one pass.
             cos, sin = self.rotary.lookup(position_ids, start, s, x.device, x.dtype)
-            qk = qkv[:, :, :, : g + 1]
-            if self.rotary_ndims == self.head_dim:
-                qk = apply_rotary(qk, cos, sin)
-            else:
-                rot = apply_rotary(qk[..., : self.rotary_ndims], cos, sin)
-                qk = torch.cat((rot, qk[..., self.rotary_ndims :]), dim=-1)
-            q, k = qk[:, :, :, :g], qk[:, :, :, g]
-        else:
-            q, k = qkv[:, :, :, :g], qkv[:, :, :, g]
-        v = qkv[:, :, :, g + 1]
-        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_heads, s, d]
+        # q [b, heads, s, d], k and v [b, kv_heads, s, d], contiguous, q and k rotated.
+        q, k, v = split_heads(self.query_key_value(x), cos, sin, self.kv_heads, self.group_size, self.head_dim,
+                              self.rotary_ndims)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
 
@@ -307,7 +298,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     labels are already shifted (labels[:, i] is the token after tokens[:, i]), as the data loader
     yields them; loss_mask has the labels' shape, 1 where the loss counts.
     """
-    losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none")
+    losses = token_cross_entropy(logits.flatten(0, -2), labels.flatten())
     if loss_mask is None:
         return losses.mean()
     weights = loss_mask.flatten().to(losses.dtype)

@@ -29,7 +29,6 @@ class RotaryTable:
             exponents = torch.arange(0, self.ndims, 2, device=device, dtype=torch.float32) / self.ndims
             inv_freq = 1.0 / (self.base**exponents)
             angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq)
-            angles = torch.cat((angles, angles), dim=-1)
             table = (angles.cos().to(dtype), angles.sin().to(dtype))
             self._tables[key] = table
         return table
@@ -37,23 +36,16 @@ class RotaryTable:
     def lookup(
         self, position_ids: torch.Tensor | None, start: int, length: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin shaped to broadcast over [batch, seq, groups, heads, ndims].
+        """cos, sin of each rotary pair: [1, length, ndims // 2], or [batch, length, ndims // 2] for position_ids.
 
+        Pair i rotates dims i and i + ndims // 2 of a head (see neox.model.heads).
         position_ids None means positions start .. start + length - 1 for every row (a slice, no gather).
         """
         if position_ids is None:
             cos, sin = self._table(start + length, device, dtype)
-            return cos[start : start + length, None, None, :], sin[start : start + length, None, None, :]
+            return cos[None, start : start + length], sin[None, start : start + length]
         cos, sin = self._table(int(position_ids.max()) + 1, device, dtype)
-        return cos[position_ids][:, :, None, None, :], sin[position_ids][:, :, None, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dim of x (its size is the rotary ndims) by the angles in cos/sin."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+        return cos[position_ids], sin[position_ids]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

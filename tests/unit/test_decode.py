@@ -176,7 +176,26 @@ def test_packed_linears_match_plain_and_keep_the_parameters() -> None:
     assert pack_for_decoding(packed, rows=2)
     with torch.no_grad():
         torch.testing.assert_close(packed(tokens), plain(tokens), atol=1e-5, rtol=1e-5)
-    assert not pack_for_decoding(GPTNeoX(_cfg()).to(torch.bfloat16), rows=2)
+    assert not pack_for_decoding(GPTNeoX(_cfg()).to(torch.float16), rows=2)  # no packed fp16 GEMM
+
+
+@pytest.mark.skipif(not packed_gemm_available(torch.bfloat16), reason="this torch has no oneDNN bf16 GEMM")
+def test_bf16_packed_linears_match_plain_bf16_and_follow_a_dtype_change() -> None:
+    torch.manual_seed(4)
+    plain = GPTNeoX(_cfg(no_weight_tying=True)).eval()
+    packed = GPTNeoX(_cfg(no_weight_tying=True)).eval()
+    packed.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, VOCAB, (3, 1))
+    assert pack_for_decoding(packed, rows=3)  # packed in fp32 (MKL) ...
+    packed.to(torch.bfloat16)  # ... then cast: the stale fp32 packing must not be used
+    plain.to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(tokens), plain(tokens))  # dtype changed: plain F.linear
+        assert pack_for_decoding(packed, rows=3)
+        assert all(m._packed.is_mkldnn for m in packed.modules() if isinstance(m, PackedLinear))
+        out = packed(tokens)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, plain(tokens), atol=2e-2, rtol=2e-2)  # bf16 rounding, other order
 
 
 def test_read_prompts_text_jsonl_and_prompt_end(tmp_path) -> None:
@@ -268,3 +287,47 @@ def test_sample_maker_keeps_prompt_order_and_seeds_whatever_the_batching() -> No
     with pytest.raises(GenerationError, match="no room to generate|positions"):
         SampleMaker(net, tokenizer, GenerateConfig(), seed=5, max_positions=4, device=torch.device("cpu")).encode(
             ["five!"])
+
+
+@pytest.mark.parametrize("choice,precision,cuda,expected", [
+    ("auto", "bf16", False, torch.float32),    # CPU: fp32 unless asked, whatever the training precision
+    ("auto", "bf16", True, torch.bfloat16),    # GPU: the training precision
+    ("bf16", "fp32", False, torch.bfloat16),   # asked for: bf16 weights on the CPU (AMX/AVX512-BF16 decode)
+    ("fp32", "bf16", True, torch.float32),
+    ("fp16", "fp32", False, None),             # refused on the CPU, naming the key
+])
+def test_decode_precision_picks_the_weight_dtype(choice, precision, cuda, expected) -> None:
+    from types import SimpleNamespace
+
+    from neox.config.errors import ConfigError
+    from neox.generate.run import model_dtype
+
+    cfg = SimpleNamespace(generate=SimpleNamespace(decode_precision=choice), optim=SimpleNamespace(precision=precision))
+    runtime = SimpleNamespace(is_cuda=cuda)
+    if expected is None:
+        with pytest.raises(ConfigError, match="decode_precision"):
+            model_dtype(cfg, runtime)
+    else:
+        assert model_dtype(cfg, runtime) == expected
+
+
+def test_bf16_decoding_follows_the_fp32_model_to_bf16_rounding(model, prompts) -> None:
+    # The bf16 decode path (packed oneDNN GEMMs on the CPU) scores the fp32 model's own greedy tokens: every step's
+    # logits stay within bf16 rounding of the fp32 logits for the same prefix.
+    request = DecodeRequest(max_new_tokens=8, sampling=SamplingParams(temperature=0.0), vocab_size=VOCAB)
+    ids = torch.tensor([prompts[0]])
+    reference = decode(model, [prompts[0]], request)[0]
+    bf16_model = GPTNeoX(model.cfg).to(torch.bfloat16)
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_model.eval()
+    with torch.no_grad():
+        full = torch.tensor([prompts[0] + reference.tokens])
+        fp32_logits = model(full).float()
+        bf16_logits = bf16_model(full).float()
+    scale = fp32_logits.abs().max()
+    assert (bf16_logits - fp32_logits).abs().max() / scale < 3e-2
+    out = decode(bf16_model, [prompts[0]], request)[0]
+    assert len(out.tokens) == 8 and all(0 <= t < model.cfg.padded_vocab_size for t in out.tokens)
+    with torch.no_grad():
+        prefill = bf16_model(ids).float()  # the same shapes as decode's prefill: the same bf16 rounding
+    assert out.tokens[0] == int(prefill[0, -1, :VOCAB].argmax())

@@ -231,3 +231,65 @@ def test_config_validation_names_the_key(changes: dict, key: str) -> None:
 def test_model_requires_padded_vocab() -> None:
     with pytest.raises(ConfigError, match="padded_vocab_size"):
         GPTNeoX(_cfg(padded_vocab_size=None))
+
+
+@pytest.mark.parametrize("kv_heads,group,rotary_ndims,per_row_positions",
+                         [(2, 3, 4, False), (4, 1, 8, True), (1, 4, 0, False), (3, 2, 2, True)])
+def test_split_heads_matches_slicing_and_rotation_with_exact_gradients(kv_heads, group, rotary_ndims,
+                                                                         per_row_positions) -> None:
+    from neox.model.heads import split_heads
+
+    b, s, d = 2, 5, 8
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, s, kv_heads * (group + 2) * d, dtype=torch.double, generator=gen, requires_grad=True)
+    angles = torch.randn(b if per_row_positions else 1, s, rotary_ndims // 2, dtype=torch.double, generator=gen)
+    cos, sin = (angles.cos(), angles.sin()) if rotary_ndims else (None, None)
+
+    def reference(t: torch.Tensor) -> list[torch.Tensor]:  # views of the fused layout, "rotate half" by cat
+        fused = t.view(b, s, kv_heads, group + 2, d)
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            if not rotary_ndims:
+                return x
+            c, sn = (torch.cat((a, a), -1)[:, :, None, None] for a in (cos, sin))
+            part, half = x[..., :rotary_ndims], rotary_ndims // 2
+            turned = torch.cat((-part[..., half:], part[..., :half]), -1)
+            return torch.cat((part * c + turned * sn, x[..., rotary_ndims:]), -1)
+
+        q = rotate(fused[:, :, :, :group]).reshape(b, s, kv_heads * group, d).transpose(1, 2)
+        k = rotate(fused[:, :, :, group : group + 1])[:, :, :, 0].transpose(1, 2)
+        return [q, k, fused[:, :, :, group + 1].transpose(1, 2)]
+
+    outputs = split_heads(qkv, cos, sin, kv_heads, group, d, rotary_ndims)
+    for got, expected in zip(outputs, reference(qkv)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected)
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, cos, sin, kv_heads, group, d, rotary_ndims), (qkv,))
+    for rows in (slice(None), slice(2, 3)):  # the in-place no-grad path (eval, prefill, one decoding step)
+        part = qkv.detach()[:, rows]
+        tables = [t if t is None else t[:, rows] for t in (cos, sin)]
+        with_grad = split_heads(part.clone().requires_grad_(), *tables, kv_heads, group, d, rotary_ndims)
+        with torch.no_grad():
+            without = split_heads(part.clone(), *tables, kv_heads, group, d, rotary_ndims)
+        for got, expected in zip(without, with_grad):
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_cross_entropy_equals_torch_in_value_and_gradient(dtype) -> None:
+    from neox.model.loss import token_cross_entropy
+
+    gen = torch.Generator().manual_seed(6)
+    logits = (torch.randn(300, 5003, generator=gen) * 3).to(dtype).requires_grad_()  # many row slices
+    labels = torch.randint(0, 5003, (300,), generator=gen)
+    weights = torch.rand(300, generator=gen)
+    ours = token_cross_entropy(logits, labels)
+    theirs = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), logits)
+    assert grad_ours.dtype == dtype
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(token_cross_entropy(logits, labels), theirs)
