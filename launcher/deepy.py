@@ -4,12 +4,15 @@
     deepy.py show-config [-d DIR] a.yml b.yml ... [--key value ...]
     deepy.py generate    [-d DIR] a.yml ... [-i PROMPTS] [-o SAMPLES.jsonl] [--key value ...]
     deepy.py eval        [-d DIR] a.yml ... --eval_tasks piqa arc_easy perplexity [--key value ...]
+    deepy.py plan        [-d DIR] a.yml ... [--accelerator A100-40GB] [--mfu 0.4] [--nodes N] [--key value ...]
 
 train merges and validates the config, writes it to {save or log_dir}/resolved_config.yml, then calls
 deepspeed.launcher.runner.main(argv) so that each rank runs `python -m neox.train --config <that file>`.
 Ranks get OMP_NUM_THREADS=1 unless it is already set: through the environment on the local node (and with
 --no_ssh), through a DeepSpeed env file (DS_ENV_FILE) for pdsh/openmpi/mvapich/slurm launches.
 For multi-node runs the run directory must be on a filesystem every node sees.
+While train runs, SIGTERM/SIGUSR1 ask every rank to checkpoint and stop (exit code preempt_exit_code; see
+neox/train/preemption.py), and a failed job is reported rank by rank from {log_dir}/ranks (neox/train/rank_log.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,8 +33,13 @@ from neox.config.derive import detect_local_gpus
 from neox.config.resolved import RESOLVED_NAME
 from neox.config.show import format_config_table
 from neox.config.validate import annotate, require_for_training
+from neox.train import rank_log
+from neox.train.preemption import StopForwarder, stop_request_path
 
-COMMANDS = ("train", "show-config", "generate", "eval")
+from launcher import preflight
+from launcher.pdsh_ssh import PdshSsh, SshCheckError, prepare_pdsh_ssh
+
+COMMANDS = ("train", "show-config", "generate", "eval", "plan")
 TRAIN_ENTRY = "neox.train"
 GENERATE_ENTRY = "neox.generate"
 # Not resolved_config.yml: a generate launch sharing log_dir with training must not replace training's file.
@@ -41,6 +50,16 @@ ENV_FILE_NAME = "deepspeed_env"
 # Variables every rank gets unless the caller's environment already sets them. One OpenMP thread per rank:
 # N ranks each spawning a thread per core oversubscribes the machine (torchrun sets the same default).
 RANK_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1"}
+# neox.entrypoint.INPUT_ERROR_EXIT, not imported: it imports torch, which starts a thread (see train()).
+RANK_INPUT_ERROR_EXIT = 2
+# What remote ranks need from the launching shell and would not get from a bare ssh login: the network interface
+# gloo/NCCL bind to, and the venv's bin first on PATH (as activation does; ninja for DeepSpeed's JIT ops lives there).
+FORWARDED_ENV_PREFIXES = ("GLOO_", "NCCL_", "TP_SOCKET_IFNAME", "TORCH_DISTRIBUTED_DEBUG")
+# Launchers that start the ranks themselves (mpirun, srun) rather than through deepspeed.launcher.launch, which is
+# what hands pdsh and local ranks MASTER_ADDR/MASTER_PORT: theirs come from the env file.
+DIRECT_RANK_LAUNCHERS = ("openmpi", "slurm")
+# DeepSpeed's SlurmRunner starts `python -u SCRIPT` and drops --module, so slurm ranks run modules through this script.
+MODULE_RUNNER = Path(__file__).resolve().parent / "run_module.py"
 
 
 class LaunchError(RuntimeError):
@@ -64,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: deepy.py train -d configs tiny.yml cpu.yml local_setup.yml --train_iters 20",
     )
     parser.add_argument("command", choices=COMMANDS, help="train: launch training; show-config: print the config; "
-                        "generate: sample from the checkpoint at 'load'")
+                        "generate: sample from the checkpoint at 'load'; plan: per-rank memory, batch and step "
+                        "time of a run, before launching it")
     parser.add_argument("-d", "--conf_dir", dest="config_dir", help="folder the config file names are relative to")
     parser.add_argument("configs", nargs="+", metavar="CONFIG.yml", help="YAML files, merged in order")
     parser.add_argument("-i", dest="input_file", metavar="PROMPTS",
@@ -96,7 +116,8 @@ def resolve(
         vocab_size = tokenizer_vocab_size(cfg)
     except TokenizerError as err:
         if need_vocab:
-            raise ConfigError(f"cannot build the tokenizer ('tokenizer_type', 'vocab_file', 'merge_file'): {err}")
+            raise annotate(ConfigError(f"cannot build the tokenizer ('tokenizer_type', 'vocab_file', 'merge_file'): "
+                                       f"{err}"), cfg) from None
         return cfg  # show-config still shows everything else; padded_vocab_size stays unresolved
     return load_config(files, overrides, config_dir=config_dir, vocab_size=vocab_size)
 
@@ -124,7 +145,8 @@ def runner_argv(
         argv += ["--master_addr", launch.master_addr]
     argv += ["--master_port", str(launch.master_port), "--launcher", launch.launcher]
     if launch.launcher_args:
-        argv += ["--launcher_args", launch.launcher_args]
+        # One token: as a separate argument, a single flag such as '--allow-run-as-root' reads as a runner option.
+        argv.append(f"--launcher_args={launch.launcher_args}")
     if launch.no_ssh:
         argv += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     if launch.no_ssh_check:
@@ -134,12 +156,47 @@ def runner_argv(
     # Our entrypoints read LOCAL_RANK from the environment DeepSpeed sets; no --local_rank argument.
     argv.append("--no_local_rank")
     if not entry.endswith(".py"):
+        if launch.launcher == "slurm":
+            return argv + [str(MODULE_RUNNER), entry, "--config", str(resolved_path)]
         argv.append("--module")
     return argv + [entry, "--config", str(resolved_path)]
 
 
+def rendezvous_env(cfg: NeoXConfig) -> dict[str, str]:
+    """MASTER_PORT (and MASTER_ADDR when the config names it) for ranks started by mpirun or srun.
+    Without master_addr they find rank 0 themselves (neox/parallel/launcher_env.py)."""
+    launch = cfg.launch
+    if launch.launcher not in DIRECT_RANK_LAUNCHERS:
+        return {}
+    env = {"MASTER_PORT": str(launch.master_port)}
+    if launch.master_addr is not None:
+        env["MASTER_ADDR"] = launch.master_addr
+    return env
+
+
 def rank_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
     return {key: environ.get(key, default) for key, default in RANK_ENV_DEFAULTS.items()}
+
+
+def remote_env(cfg: NeoXConfig, environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """Env file entries for ranks on other nodes (srun exports the whole environment; local ranks inherit it)."""
+    launch = cfg.launch
+    if launch.hostfile is None or launch.no_ssh or launch.launcher == "slurm":
+        return {}
+    env = {key: value for key, value in environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
+    if sys.prefix != sys.base_prefix:
+        bin_dir = str(Path(sys.executable).parent)
+        path = environ.get("PATH", os.defpath)
+        env["VIRTUAL_ENV"] = sys.prefix
+        env["PATH"] = path if path.split(os.pathsep)[0] == bin_dir else f"{bin_dir}{os.pathsep}{path}"
+    return env
+
+
+def pdsh_ssh_setup(cfg: NeoXConfig) -> PdshSsh:
+    try:
+        return prepare_pdsh_ssh(cfg.launch, os.environ)
+    except SshCheckError as err:
+        raise LaunchError(str(err)) from None
 
 
 def write_env_file(run_dir: Path, env: dict[str, str]) -> Path:
@@ -178,24 +235,42 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
 
 
 def run_deepspeed(
-    cfg: NeoXConfig, resolved_path: Path, *, entry: str = TRAIN_ENTRY, local_gpus: int | None = None
+    cfg: NeoXConfig, resolved_path: Path, *, entry: str = TRAIN_ENTRY, local_gpus: int | None = None,
+    stop: StopForwarder | None = None,
 ) -> int:
-    """Launch every rank through deepspeed.launcher.runner.main; return the exit code of the job."""
+    """Launch every rank through deepspeed.launcher.runner.main; return the exit code of the job.
+    With stop (training): preemption signals become a stop request to the ranks, and a failed job names the
+    rank that died and shows its last lines."""
     local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
     argv = runner_argv(cfg, resolved_path, entry=entry, local_gpus=local_gpus)
+    ssh = pdsh_ssh_setup(cfg)
+    argv = ssh.runner_args + argv
     env = rank_env(os.environ)
-    env_file = write_env_file(resolved_path.parent, env)
-    with _environ({**env, "DS_ENV_FILE": str(env_file.resolve())}):
+    env_file = write_env_file(resolved_path.parent, {**env, **rendezvous_env(cfg), **remote_env(cfg, os.environ)})
+    with _environ({**env, **ssh.env, "DS_ENV_FILE": str(env_file.resolve())}):
         from deepspeed.launcher import runner
 
         if runner.DEEPSPEED_ENVIRONMENT_NAME != os.environ["DS_ENV_FILE"]:
             runner = importlib.reload(runner)  # it reads DS_ENV_FILE once, at import
-        try:
-            runner.main(argv)
-        except SystemExit as done:  # the runner exits with the failing rank's code
-            return 0 if done.code is None else done.code if isinstance(done.code, int) else 1
-        except (RuntimeError, ValueError, AssertionError, OSError, subprocess.SubprocessError) as err:
-            raise LaunchError(f"DeepSpeed's launcher refused the job ({' '.join(argv)}): {err}") from None
+        if stop is None:
+            return _call_runner(runner, argv)
+        stop.aim(stop_request_path(resolved_path.parent))
+        started = time.time()
+        code = _call_runner(runner, argv)
+    # 2: a rank refused its input and has said what to fix in one paragraph already.
+    if code not in (0, RANK_INPUT_ERROR_EXIT, cfg.train.preempt_exit_code):
+        ranks = rank_log.ranks_dir(cfg.log.log_dir, resolved_path.parent)
+        print(rank_log.failure_report(ranks, cfg.derived.world_size, started, code), file=sys.stderr, flush=True)
+    return code
+
+
+def _call_runner(runner, argv: list[str]) -> int:
+    try:
+        runner.main(argv)
+    except SystemExit as done:  # the runner exits with the failing rank's code
+        return 0 if done.code is None else done.code if isinstance(done.code, int) else 1
+    except (RuntimeError, ValueError, AssertionError, OSError, subprocess.SubprocessError) as err:
+        raise LaunchError(f"DeepSpeed's launcher refused the job ({' '.join(argv)}): {err}") from None
     return 0
 
 
@@ -204,6 +279,12 @@ def run_dir_of(cfg: NeoXConfig) -> Path:
 
 
 def train(files: Sequence[str], overrides: Sequence[str], config_dir: str | None) -> int:
+    # First of all: torch starts a thread when imported, and every thread must inherit the blocked signals.
+    with StopForwarder() as stop:
+        return _train(files, overrides, config_dir, stop)
+
+
+def _train(files: Sequence[str], overrides: Sequence[str], config_dir: str | None, stop: StopForwarder) -> int:
     cfg = resolve(files, overrides, config_dir, need_vocab=True)
     try:
         launch = cfg.launch
@@ -211,9 +292,10 @@ def train(files: Sequence[str], overrides: Sequence[str], config_dir: str | None
             check_precision_supported(cfg, cuda_available=detect_local_gpus() > 0)
     except ConfigError as err:
         raise annotate(err, cfg) from None
+    preflight.before_train(cfg, tokenizer_vocab_size(cfg))
     resolved_path = save_resolved(cfg, run_dir_of(cfg) / RESOLVED_NAME)
     print(f"deepy: resolved config written to {resolved_path}", flush=True)
-    return run_deepspeed(cfg, resolved_path)
+    return run_deepspeed(cfg, resolved_path, stop=stop)
 
 
 def pull_short_options(overrides: Sequence[str], options: Sequence[str] = ("-i", "-o")) -> tuple[list[str], list[str]]:
@@ -250,6 +332,7 @@ def generate(files: Sequence[str], overrides: Sequence[str], config_dir: str | N
     cfg = resolve(files, overrides, config_dir, need_vocab=False)
     if cfg.train.load is None:
         raise ConfigError("generate needs 'load', the checkpoint directory to sample from (e.g. --load runs/ckpt)")
+    preflight.before_generate(cfg)
     out_dir = Path(cfg.log.log_dir) if cfg.log.log_dir is not None else Path(cfg.generate.sample_output_file).parent
     resolved_path = save_resolved(cfg, out_dir.resolve() / GENERATE_RESOLVED_NAME)
     print(f"deepy: resolved config written to {resolved_path}", flush=True)
@@ -265,6 +348,7 @@ def evaluate(files: Sequence[str], overrides: Sequence[str], config_dir: str | N
         raise ConfigError("eval needs 'load', the checkpoint directory to evaluate (e.g. --load runs/ckpt)")
     if not cfg.eval.eval_tasks:
         raise ConfigError("eval needs 'eval_tasks', e.g. --eval_tasks piqa arc_easy perplexity")
+    preflight.before_eval(cfg)
     out_dir = Path(cfg.log.log_dir if cfg.log.log_dir is not None else cfg.train.load)
     resolved_path = save_resolved(cfg, out_dir.resolve() / EVAL_RESOLVED_NAME)
     print(f"deepy: resolved config written to {resolved_path}", flush=True)
@@ -277,6 +361,14 @@ def show_config(files: Sequence[str], overrides: Sequence[str], config_dir: str 
     return 0
 
 
+def plan(files: Sequence[str], overrides: Sequence[str], config_dir: str | None) -> int:
+    """Print per-rank memory, batch arithmetic, FLOPs and step time of the run (neox/plan), launching nothing."""
+    from neox.plan.cli import run_plan
+
+    return run_plan(files, overrides, config_dir,
+                    lambda f, o, d: resolve(f, o, d, need_vocab=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, overrides = split_argv(sys.argv[1:] if argv is None else argv)
     pulled, overrides = pull_short_options(overrides)
@@ -287,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = generate_short_forms(args.input_file, args.output_file) + overrides
     elif args.input_file is not None or args.output_file is not None:
         parser.error("-i and -o apply to the generate command only")
-    command = {"train": train, "show-config": show_config, "generate": generate, "eval": evaluate}[args.command]
+    command = {"train": train, "show-config": show_config, "generate": generate, "eval": evaluate,
+               "plan": plan}[args.command]
     try:
         return command(args.configs, overrides, args.config_dir)
     except ConfigError as err:

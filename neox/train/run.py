@@ -4,7 +4,6 @@ Data flows one way: resolved config -> runtime -> tokenizer -> datasets -> model
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -18,15 +17,18 @@ import numpy as np
 import torch
 
 from neox.config.resolved import load_resolved
+from neox.entrypoint import RankProgram, run_rank_program
 from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
 from neox.data.errors import DataError
 from neox.data.build import build_train_valid_test, split_num_samples
 from neox.data.loader import build_loader, eval_consumed_samples
+from neox.data.token_range import check_run_token_ids
 from neox.model import GPTNeoX
 from neox.parallel.engine import ParallelTrainEngine, is_model_parallel
 from neox.parallel import layout_state
-from neox.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime
+from neox.parallel.materialize import meta_model
+from neox.parallel.runtime import Runtime, all_reduce_mean, barrier
 from neox.parallel.rng import dropout_seed
 from neox.parallel.topology import build_topology
 from neox.tokenizer import TokenizerError, build_tokenizer
@@ -35,7 +37,10 @@ from neox.train import checkpoint
 from neox.train.flops import matmul_params, measure_peak_flops, train_flops_per_token
 from neox.train.metrics import MetricsSinks, build_sinks
 from neox.train.engine import TrainEngine
+from neox.train import faults, rank_log
 from neox.train.optimizer import OptimizerError
+from neox.train.preemption import StopRequests, stop_request_path
+from neox.train.rank_log import RankLog
 from neox.train.schedule import LRSchedule, warmup_iters_from_fraction
 
 # Model keys that change the parameter set; a checkpoint that differs in any of them cannot be loaded.
@@ -51,6 +56,15 @@ class TrainError(RuntimeError):
 
 # Errors that mean "fix the config, the data or the checkpoint", reported without a traceback.
 _INPUT_ERRORS = (TrainError, checkpoint.CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError)
+
+
+def _rank0_failed(failed: bool, runtime: Runtime) -> bool:
+    """Collective: every rank learns whether rank 0 failed the step they all wait on (only rank 0's flag counts)."""
+    if not torch.distributed.is_initialized():
+        return failed
+    flag = torch.tensor([1 if failed and runtime.rank == 0 else 0], dtype=torch.int32, device=runtime.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
 
 
 def seed_all(seed: int) -> None:
@@ -88,8 +102,13 @@ class Trainer:
         self.load_tag = self._checkpoint_to_load(Path(train.load)) if train.load else None
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         # Identical initial weights on every rank come from the shared seed (DeepSpeed also broadcasts them).
-        model = GPTNeoX(cfg.model)
-        if train.load and train.finetune and is_consolidated(train.load):
+        from_consolidated = bool(train.load and train.finetune and is_consolidated(train.load))
+        if is_model_parallel(self.topo) and not from_consolidated:
+            # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
+            model = meta_model(cfg.model)
+        else:
+            model = GPTNeoX(cfg.model)
+        if from_consolidated:
             self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())
         if is_model_parallel(self.topo):
@@ -102,6 +121,7 @@ class Trainer:
                                    warmup_iters=warmup_iters_from_fraction(cfg.optim.warmup, decay_iters),
                                    decay_iters=decay_iters, decay_style=cfg.optim.lr_decay_style)
         self.progress = Progress()
+        self.fault = faults.from_environment()  # None unless a failure test asks for one
         if self.load_tag is not None:
             self._load(Path(train.load), self.load_tag)
         # Dropout streams differ per data-parallel rank, after the identical initialisation above. A resumed run
@@ -112,7 +132,7 @@ class Trainer:
         self.sinks: MetricsSinks | None = None
         if self.owns_metrics:
             self.sinks = build_sinks(cfg.log.log_dir, cfg.log.tensorboard_dir,
-                                     cfg.log.wandb_project if cfg.log.use_wandb else None,
+                                     cfg.log.active_wandb_project(),
                                      run_name=Path(cfg.train.save or cfg.log.log_dir or ".").name,
                                      run_config={"config": str(config_path)})
         self.flops_per_token = train_flops_per_token(
@@ -130,20 +150,32 @@ class Trainer:
         labels = None
         if cfg.data.label_data_paths:
             labels = dict(zip(cfg.data.train_data_paths or [], cfg.data.label_data_paths))
+
+        def build():
+            return build_train_valid_test(
+                data_path=cfg.data.data_path, train_data_paths=cfg.data.train_data_paths,
+                valid_data_paths=cfg.data.valid_data_paths, test_data_paths=cfg.data.test_data_paths,
+                train_data_weights=cfg.data.train_data_weights, valid_data_weights=cfg.data.valid_data_weights,
+                test_data_weights=cfg.data.test_data_weights, label_data_paths=labels, split=cfg.data.split,
+                seq_length=self.seq_length, seed=train.seed, num_samples=num_samples,
+                cache_dir=cfg.data.data_cache_dir)
+
         # Rank 0 builds the index caches first; the others then load them (the cache also locks, this only
-        # keeps N ranks from queueing on the lock while one builds).
-        if self.rt.rank != 0:
-            barrier()
-        datasets = build_train_valid_test(
-            data_path=cfg.data.data_path, train_data_paths=cfg.data.train_data_paths,
-            valid_data_paths=cfg.data.valid_data_paths, test_data_paths=cfg.data.test_data_paths,
-            train_data_weights=cfg.data.train_data_weights, valid_data_weights=cfg.data.valid_data_weights,
-            test_data_weights=cfg.data.test_data_weights, label_data_paths=labels, split=cfg.data.split,
-            seq_length=self.seq_length, seed=train.seed, num_samples=num_samples,
-            cache_dir=cfg.data.data_cache_dir)
+        # keeps N ranks from queueing on the lock while one builds). Rank 0 tells the others whether it succeeded:
+        # bad data then stops every rank with a message, instead of a peer's broken-barrier traceback.
         if self.rt.rank == 0:
-            barrier()
-        return datasets
+            try:
+                # deepy checked this before launching; a launch by other means (or from a login node) has not.
+                check_run_token_ids(cfg.data, self.tokenizer.vocab_size)
+                datasets = build()
+            except Exception:
+                _rank0_failed(True, self.rt)
+                raise
+            _rank0_failed(False, self.rt)
+            return datasets
+        if _rank0_failed(False, self.rt):
+            raise TrainError("rank 0 could not build the datasets; its error message says what to fix")
+        return build()
 
     def _untouched_rng(self):
         """Run a block without advancing this rank's RNG streams, which only the training steps may draw from:
@@ -258,22 +290,26 @@ class Trainer:
         run_files = checkpoint.RunFiles(self.config_path, tuple(self.tokenizer.files()))
         # Besides DeepSpeed's layout-bound files, a layout-free copy lets any (tp, pp, dp, ZeRO) layout resume.
         client_state = self.progress.client_state()
+        if self.rt.rank == 0:
+            print(f"saving checkpoint {checkpoint.tag_for(self.progress.iteration)}", flush=True)
 
         def write_layout_free(ckpt_dir: Path) -> None:
             layout_state.save_layout_free_state(ckpt_dir, self.engine, layout_state.param_names_of(self.train_engine),
                                                 self.topo, client_state)
 
+        # Without it (checkpoint_layout_free: false) tools/reshard_checkpoint.py rebuilds it offline when needed.
         path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, client_state,
                                run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
-                               write_extra=write_layout_free)
+                               write_extra=write_layout_free if train.checkpoint_layout_free else None)
         if self.rt.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
 
-    def run(self) -> None:
+    def run(self, stop: StopRequests | None = None) -> bool:
+        """Train to train_iters; True if a preemption request stopped it earlier (after a checkpoint)."""
         cfg, train, log = self.cfg, self.cfg.train, self.cfg.log
         if self.progress.iteration >= train.train_iters:
             print(f"nothing to do: checkpoint is at iteration {self.progress.iteration} >= train_iters", flush=True)
-            return
+            return False
         self.engine.train()
         data_iter = self._loader(self.train_ds, self.progress.consumed_train_samples)
         start = time.perf_counter()
@@ -296,11 +332,28 @@ class Trainer:
                 self.save()
                 last_saved = it
                 window_start = time.perf_counter()
+            if self.fault is not None:
+                self.fault.after_step(self.rt.rank, it)
+            # Every rank takes part, every step (one all-reduce of a flag): they all stop after the same step.
+            if stop is not None and it < train.train_iters and stop.agreed():
+                return self._stop_for_preemption(last_saved)
         if train.save and last_saved != self.progress.iteration:
             self.save()
         if self.test_ds is not None and train.eval_iters > 0:
             loss = self.evaluate(self.test_ds, 0, train.eval_iters)
             self._log({"iteration": self.progress.iteration, "test_loss": loss, "test_ppl": _ppl(loss)})
+
+    def _stop_for_preemption(self, last_saved: int) -> bool:
+        it = self.progress.iteration
+        if self.cfg.train.save and last_saved != it:
+            self.save()
+        if self.rt.rank == 0:
+            where = f"checkpoint {checkpoint.tag_for(it)} is written" if self.cfg.train.save else \
+                "no checkpoint: 'save' is not set, a relaunch starts over"
+            print(f"preempted: stopped after iteration {it} of {self.cfg.train.train_iters}; {where}; exit code "
+                  f"{self.cfg.train.preempt_exit_code} asks for a requeue (relaunch with load = save to resume)",
+                  flush=True)
+        return True
 
     def _train_record(self, losses: list[float], grad_norm: float | None, step_time: float, elapsed: float) -> dict:
         tokens_per_sec = self.global_batch * self.seq_length / step_time
@@ -334,33 +387,26 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+def _train(cfg: NeoXConfig, config_path: Path, runtime: Runtime) -> int:
+    run_dir = config_path.parent  # where deepy wrote the resolved config: {save or log_dir}
+    stop = StopRequests(stop_request_path(run_dir) if runtime.local_rank == 0 else None, runtime.device)
+    stop.install()
+    with RankLog(rank_log.ranks_dir(cfg.log.log_dir, run_dir), runtime.rank) as log:
+        trainer = Trainer(cfg, config_path, runtime)
+        try:
+            preempted = trainer.run(stop)
+        finally:
+            trainer.close()
+        log.exit_code = cfg.train.preempt_exit_code if preempted else 0
+    return log.exit_code
+
+
+PROGRAM = RankProgram(module="neox.train", launch_command="deepy train", description=__doc__.splitlines()[0],
+                      body=_train, input_errors=_INPUT_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neox.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="resolved config written by `deepy train`")
-    # DeepSpeed's launcher appends --local_rank unless told not to; LOCAL_RANK in the environment is what we read.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        return _train(args)
-    except _INPUT_ERRORS as err:
-        # One paragraph per failing rank, no traceback; the launcher stops the other ranks on a non-zero exit.
-        print(f"neox.train: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        return 2
-
-
-def _train(args: argparse.Namespace) -> int:
-    cfg = load_resolved(args.config)
-    runtime = init_runtime(cfg.launch.distributed_backend)
-    if runtime.world_size != cfg.derived.world_size:
-        raise TrainError(f"{runtime.world_size} ranks were started but {args.config} was resolved for "
-                         f"world_size {cfg.derived.world_size} (num_gpus x nodes): the batch arithmetic would be "
-                         "wrong. Launch with `deepy train`, or start as many ranks as num_gpus says.")
-    trainer = Trainer(cfg, args.config, runtime)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    return 0
+    return run_rank_program(PROGRAM, argv)
 
 
 if __name__ == "__main__":
