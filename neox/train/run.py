@@ -5,9 +5,7 @@ Data flows one way: resolved config -> runtime -> tokenizer -> datasets -> model
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -342,6 +340,7 @@ class Trainer:
         if self.test_ds is not None and train.eval_iters > 0:
             loss = self.evaluate(self.test_ds, 0, train.eval_iters)
             self._log({"iteration": self.progress.iteration, "test_loss": loss, "test_ppl": _ppl(loss)})
+        return False
 
     def _stop_for_preemption(self, last_saved: int) -> bool:
         it = self.progress.iteration
