@@ -69,6 +69,9 @@ def run_rank_program(program: RankProgram, argv: Sequence[str] | None = None) ->
         code = program.body(cfg, args.config, runtime)
     except (WorldSizeError, *COMMON_INPUT_ERRORS, *program.input_errors) as err:
         # One paragraph per failing rank, no traceback; the launcher stops the other ranks on a non-zero exit.
-        print(f"{program.module}: error (rank {rank_label()}): {err}", file=sys.stderr, flush=True)
+        # One write call for the whole line: ranks share the launcher's stderr and run unbuffered (python -u), where
+        # print() writes the text and its newline separately and two ranks' lines could run into each other.
+        sys.stderr.write(f"{program.module}: error (rank {rank_label()}): {err}\n")
+        sys.stderr.flush()
         return INPUT_ERROR_EXIT
     return 0 if code is None else code
