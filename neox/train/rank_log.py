@@ -77,7 +77,11 @@ class _Tee:
         """Point fd back at its destination. Processes this rank started (data-loader workers) may hold the pipe
         open, so the thread is not joined: it is a daemon, copying whatever they still write."""
         os.dup2(self.original, self.fd)
-        self.drain()
+        # That closed our last write end of the pipe: the thread reads EOF once it has copied everything. Polling
+        # alone could miss a chunk read but not yet written; drain() covers workers still holding the pipe open.
+        self.thread.join(timeout=2.0)
+        if self.thread.is_alive():
+            self.drain()
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
