@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from neox.config import ConfigError, NeoXConfig, load_config, save_resolved
-from neox.config.deepspeed import check_precision_supported
+from neox.config.deepspeed import check_device_support
 from neox.config.derive import detect_local_gpus
+from neox.config.load import resolve_paths
+from neox.config.originals import original_config_files
 from neox.config.resolved import RESOLVED_NAME
 from neox.config.show import format_config_table
 from neox.config.validate import annotate, require_for_training
@@ -40,6 +43,8 @@ from launcher import preflight
 from launcher.pdsh_ssh import PdshSsh, SshCheckError, prepare_pdsh_ssh
 
 COMMANDS = ("train", "show-config", "generate", "eval", "plan")
+# gpt-neox's form names the script instead: `./deepy.py train.py -d configs 125M.yml local_setup.yml`.
+GPT_NEOX_SCRIPTS = {"train.py": "train", "eval.py": "eval", "evaluate.py": "eval", "generate.py": "generate"}
 TRAIN_ENTRY = "neox.train"
 GENERATE_ENTRY = "neox.generate"
 # Not resolved_config.yml: a generate launch sharing log_dir with training must not replace training's file.
@@ -82,21 +87,47 @@ def build_parser() -> argparse.ArgumentParser:
         "all) and run a command with it.",
         epilog="Example: deepy.py train -d configs tiny.yml cpu.yml local_setup.yml --train_iters 20",
     )
-    parser.add_argument("command", choices=COMMANDS, help="train: launch training; show-config: print the config; "
-                        "generate: sample from the checkpoint at 'load'; plan: per-rank memory, batch and step "
-                        "time of a run, before launching it")
+    parser.add_argument("command", type=command_name, choices=COMMANDS,
+                        help="train: launch training; show-config: print the config; generate: sample from the "
+                        "checkpoint at 'load'; plan: per-rank memory, batch and step time of a run, before launching "
+                        "it. gpt-neox's script names (train.py, eval.py, evaluate.py, generate.py) mean the same.")
     parser.add_argument("-d", "--conf_dir", dest="config_dir", help="folder the config file names are relative to")
     parser.add_argument("configs", nargs="+", metavar="CONFIG.yml", help="YAML files, merged in order")
     parser.add_argument("-i", dest="input_file", metavar="PROMPTS",
                         help="generate: prompts file (text_gen_type input-file, sample_input_file)")
     parser.add_argument("-o", dest="output_file", metavar="SAMPLES.jsonl", help="generate: sample_output_file")
+    parser.add_argument("-H", dest="hostfile", metavar="HOSTFILE", help="hostfile (gpt-neox's -H; = --hostfile)")
     return parser
+
+
+def command_name(token: str) -> str:
+    """The command of `deepy COMMAND`; gpt-neox's script argument (train.py, path/to/generate.py) names it too."""
+    return GPT_NEOX_SCRIPTS.get(os.path.basename(token), token)
+
+
+_vocab_sizes: dict[tuple, int] = {}  # resolve() loads twice and preflight asks again: build each tokenizer once
 
 
 def tokenizer_vocab_size(cfg: NeoXConfig) -> int:
     from neox.tokenizer import build_tokenizer
 
-    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file).vocab_size
+    data = cfg.data
+    stamps = tuple(os.stat(f).st_mtime_ns if f and os.path.isfile(f) else None
+                   for f in (data.vocab_file, data.merge_file))
+    key = (data.tokenizer_type, data.vocab_file, data.merge_file, stamps)
+    if key not in _vocab_sizes:
+        _vocab_sizes[key] = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file).vocab_size
+    return _vocab_sizes[key]
+
+
+def check_launch_size(cfg: NeoXConfig, local_gpus: int) -> None:
+    """global_num_gpus (gpt-neox) names the job's size; a launch from this machine must start exactly that many."""
+    launch = cfg.launch
+    if launch.global_num_gpus is None or launch.hostfile is not None or launch.num_gpus is not None:
+        return  # derive.py already made hostfile/num_gpus agree with it
+    if local_gpus and local_gpus != launch.global_num_gpus:
+        raise ConfigError(f"'global_num_gpus' is {launch.global_num_gpus} but this machine has {local_gpus} GPU(s) "
+                          "and no 'hostfile' names more nodes: set 'num_gpus' / 'hostfile', or drop global_num_gpus")
 
 
 def resolve(
@@ -119,7 +150,14 @@ def resolve(
             raise annotate(ConfigError(f"cannot build the tokenizer ('tokenizer_type', 'vocab_file', 'merge_file'): "
                                        f"{err}"), cfg) from None
         return cfg  # show-config still shows everything else; padded_vocab_size stays unresolved
-    return load_config(files, overrides, config_dir=config_dir, vocab_size=vocab_size)
+    cfg = load_config(files, overrides, config_dir=config_dir, vocab_size=vocab_size)
+    if cfg.train.load:
+        from neox.checkpoint.vocab_padding import adopt_checkpoint_padding  # deferred: imports torch
+
+        note = adopt_checkpoint_padding(cfg, vocab_size)
+        if note:
+            print(f"deepy: {note}", file=sys.stderr, flush=True)
+    return cfg
 
 
 def runner_argv(
@@ -144,9 +182,14 @@ def runner_argv(
     if launch.master_addr is not None:
         argv += ["--master_addr", launch.master_addr]
     argv += ["--master_port", str(launch.master_port), "--launcher", launch.launcher]
-    if launch.launcher_args:
+    launcher_args = launch.launcher_args or ""
+    if launch.launcher == "slurm":  # gpt-neox hands comment / account to srun
+        extra = [f"--{name}={value}" for name, value in (("comment", launch.comment), ("account", launch.account))
+                 if value]
+        launcher_args = " ".join([launcher_args, *map(shlex.quote, extra)]).strip()
+    if launcher_args:
         # One token: as a separate argument, a single flag such as '--allow-run-as-root' reads as a runner option.
-        argv.append(f"--launcher_args={launch.launcher_args}")
+        argv.append(f"--launcher_args={launcher_args}")
     if launch.no_ssh:
         argv += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     if launch.no_ssh_check:
@@ -242,6 +285,7 @@ def run_deepspeed(
     With stop (training): preemption signals become a stop request to the ranks, and a failed job names the
     rank that died and shows its last lines."""
     local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
+    check_launch_size(cfg, local_gpus)
     argv = runner_argv(cfg, resolved_path, entry=entry, local_gpus=local_gpus)
     ssh = pdsh_ssh_setup(cfg)
     argv = ssh.runner_args + argv
@@ -289,17 +333,20 @@ def _train(files: Sequence[str], overrides: Sequence[str], config_dir: str | Non
     try:
         launch = cfg.launch
         if launch.hostfile is None or launch.no_ssh:
-            check_precision_supported(cfg, cuda_available=detect_local_gpus() > 0)
+            check_device_support(cfg, cuda_available=detect_local_gpus() > 0)
     except ConfigError as err:
         raise annotate(err, cfg) from None
     preflight.before_train(cfg, tokenizer_vocab_size(cfg))
+    if cfg.train.config_files is None:  # as gpt-neox: every checkpoint keeps the YAML files as written
+        cfg.train.config_files = original_config_files(resolve_paths(files, config_dir))
+        cfg.provenance["config_files"] = "derived: the YAML files given to deepy train"
     resolved_path = save_resolved(cfg, run_dir_of(cfg) / RESOLVED_NAME)
     print(f"deepy: resolved config written to {resolved_path}", flush=True)
     return run_deepspeed(cfg, resolved_path, stop=stop)
 
 
-def pull_short_options(overrides: Sequence[str], options: Sequence[str] = ("-i", "-o")) -> tuple[list[str], list[str]]:
-    """Take `-i FILE` / `-o FILE` typed after the first --key value out of the overrides."""
+def pull_short_options(overrides: Sequence[str], options: Sequence[str] = ("-i", "-o", "-H")) -> tuple[list[str], list[str]]:
+    """Take `-i FILE` / `-o FILE` / `-H FILE` typed after the first --key value out of the overrides."""
     pulled: list[str] = []
     rest: list[str] = []
     i = 0
@@ -375,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     own += pulled
     parser = build_parser()
     args = parser.parse_args(own)
+    if args.hostfile is not None:
+        overrides = ["--hostfile", args.hostfile] + overrides
     if args.command == "generate":
         overrides = generate_short_forms(args.input_file, args.output_file) + overrides
     elif args.input_file is not None or args.output_file is not None:

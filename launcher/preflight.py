@@ -4,7 +4,6 @@ Every check raises ConfigError naming the key (and file) to fix; deepy prints it
 """
 from __future__ import annotations
 
-import dataclasses
 import socket
 import zipfile
 from pathlib import Path
@@ -89,9 +88,10 @@ def check_data(cfg: NeoXConfig, vocab_size: int) -> None:
             check_token_ids(prefix, vocab_size, key=key, tokenizer=tokenizer_label(cfg.data))
         except DataError as err:
             raise _error(str(err), cfg) from None
-    for i, prefix in enumerate(cfg.data.label_data_paths or []):
-        if not IndexedDataset.exists(prefix):
-            raise _error(f"'label_data_paths' entry {i}: no dataset at prefix {prefix!r} (.bin and .idx)", cfg)
+    for key in ("train_label_data_paths", "valid_label_data_paths", "test_label_data_paths"):
+        for i, prefix in enumerate(getattr(cfg.data, key) or []):
+            if not IndexedDataset.exists(prefix):
+                raise _error(f"'{key}' entry {i}: no dataset at prefix {prefix!r} (.bin and .idx)", cfg)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -109,25 +109,31 @@ def unreadable_torch_files(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.rglob("*.pt") if not _is_whole_torch_file(p))
 
 
-def check_resume_checkpoint(cfg: NeoXConfig) -> None:
-    """train with 'load': the checkpoint it will resume is complete, whole and of the configured architecture."""
+def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> None:
+    """train with 'load': the checkpoint it will resume is complete, whole and of the configured architecture (its
+    vocabulary padding may differ: the trainer re-pads it, neox/checkpoint/vocab_padding.py)."""
     from neox.checkpoint.consolidated import is_consolidated
+    from neox.checkpoint.gpt_neox import open_gpt_neox_checkpoint
+    from neox.checkpoint.vocab_padding import check_checkpoint_model
     from neox.config.resolved import load_resolved
-    from neox.train.checkpoint import CheckpointError, check_same_architecture, complete_tags, resolve_load_tag
+    from neox.train.checkpoint import CheckpointError, complete_tags, resolve_load_tag
     from neox.train.run import ARCHITECTURE_KEYS
 
     load = Path(cfg.train.load)
     try:
-        if is_consolidated(load):
-            checkpoint_dir = load
+        gpt_neox = open_gpt_neox_checkpoint(load, cfg.train.iteration)  # one EleutherAI's gpt-neox wrote
+        if gpt_neox is not None:
+            checkpoint_dir, saved_model = gpt_neox.path, gpt_neox.config.model
         else:
-            tag = resolve_load_tag(load)
-            if tag is None:
-                return  # a fresh run whose save == load: nothing to resume yet
-            checkpoint_dir = load / tag
-        saved = load_resolved(checkpoint_dir / "config.yml")
-        check_same_architecture(dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model), ARCHITECTURE_KEYS,
-                                checkpoint_dir)
+            if is_consolidated(load):
+                checkpoint_dir = load
+            else:
+                tag = resolve_load_tag(load, cfg.train.iteration)
+                if tag is None:
+                    return  # a fresh run whose save == load: nothing to resume yet
+                checkpoint_dir = load / tag
+            saved_model = load_resolved(checkpoint_dir / "config.yml").model
+        check_checkpoint_model(saved_model, cfg.model, vocab_size, ARCHITECTURE_KEYS, checkpoint_dir)
     except CheckpointError as err:
         raise _error(f"'load': {err}", cfg) from None
     broken = unreadable_torch_files(checkpoint_dir)
@@ -159,7 +165,7 @@ def before_train(cfg: NeoXConfig, vocab_size: int) -> None:
         return
     check_data(cfg, vocab_size)
     if cfg.train.load is not None:
-        check_resume_checkpoint(cfg)
+        check_resume_checkpoint(cfg, vocab_size)
 
 
 def before_generate(cfg: NeoXConfig) -> None:
@@ -170,7 +176,7 @@ def before_generate(cfg: NeoXConfig) -> None:
     check_master_port(cfg)
     if not ranks_run_here(cfg):
         return
-    check_checkpoint_exists(cfg)
+    check_checkpoint_exists(cfg, cfg.train.iteration)
     settings = cfg.generate
     if generation_mode(settings) == "input-file" and settings.sample_input_file is not None:
         try:

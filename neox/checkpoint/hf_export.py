@@ -48,6 +48,10 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, iteration: int | N
     with tqdm(total=4, desc="neox -> hf", unit="step", disable=not progress) as steps:
         ckpt = find_checkpoint(checkpoint, iteration)
         cfg, weights = consolidate(ckpt)
+        if cfg.mup.use_mup or cfg.mup.mup_rp_embedding_mult != 1.0:
+            raise CheckpointError(f"{ckpt} is a muP model (use_mup / mup_rp_embedding_mult): its embedding, attention "
+                                  "and readout multipliers have no place in Hugging Face's model classes, so an "
+                                  "export would compute other logits; evaluate and generate with neox instead")
         tokenizer = checkpoint_tokenizer(ckpt, cfg)
         steps.update()
         arch = check_exportable(cfg.model, arch) if arch else choose_arch(cfg.model)

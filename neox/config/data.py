@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from neox.config.curriculum import check_curriculum
 from neox.config.errors import ConfigError
 from neox.config.fields import option
 
@@ -23,20 +24,60 @@ class DataConfig:
     train_data_paths: list[str] | None = option(None, "Training dataset prefixes (instead of data_path).")
     valid_data_paths: list[str] | None = option(None, "Validation dataset prefixes.")
     test_data_paths: list[str] | None = option(None, "Test dataset prefixes.")
+    train_label_data_paths: list[str] | None = option(
+        None, "Per-token label datasets, the i-th for the i-th train_data_paths entry (later entries have none); "
+        "not shifted, negative labels (e.g. -100) leave a token out of the loss.")
+    valid_label_data_paths: list[str] | None = option(
+        None, "Per-token label datasets, the i-th for the i-th valid_data_paths entry.")
+    test_label_data_paths: list[str] | None = option(
+        None, "Per-token label datasets, the i-th for the i-th test_data_paths entry.")
     label_data_paths: list[str] | None = option(
-        None, "Per-token label datasets aligned with train_data_paths (-100 masks a token out of the loss)."
+        None, "Older name of train_label_data_paths (the same list; setting both to different lists is an error)."
     )
     train_data_weights: list[float] | None = option(None, "Sampling weight of each train dataset; None = equal.")
     valid_data_weights: list[float] | None = option(None, "Sampling weight of each validation dataset.")
     test_data_weights: list[float] | None = option(None, "Sampling weight of each test dataset.")
     weight_by_num_documents: bool = option(
-        False, "Weight datasets by document count raised to weighted_sampler_alpha (overrides *_data_weights)."
+        False, "Blend the train/valid/test datasets by their document counts n: p = (n/N)^alpha normalised, times "
+        "(1 - n/N), normalised (gpt-neox's weights_by_num_docs); replaces *_data_weights."
     )
-    weighted_sampler_alpha: float = option(0.3, "Exponent used by weight_by_num_documents.")
+    weighted_sampler_alpha: float = option(
+        1.0, "Exponent alpha of weight_by_num_documents: 1 follows the document counts, towards 0 evens them out."
+    )
     split: str = option("969, 30, 1", "Train, valid, test proportions of data_path, e.g. '949,50,1'.")
     eod_mask_loss: bool = option(False, "Exclude end-of-document tokens from the loss.")
-    data_impl: Literal["mmap", "infer"] = option(
-        "mmap", "Indexed dataset format; only the mmap .bin/.idx format exists ('infer' means the same)."
+    data_impl: Literal["infer", "mmap", "cached"] = option(
+        "infer", "Indexed dataset format: mmap (MMIDIDX .idx), cached (the older TNTIDX .idx), or infer from the "
+        ".idx header."
+    )
+    pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = option(
+        "packed", "packed: samples run across documents; pack_until_overflow: whole documents until the next would "
+        "overflow seq_length + 1, then padding; unpacked: one document per sample, padded (padding is not trained)."
+    )
+    allow_chopped: bool = option(
+        True, "pack_until_overflow/unpacked: keep documents longer than seq_length + 1 cut to that length (false "
+        "skips them); no effect with packed."
+    )
+    mmap_warmup: bool = option(False, "Read every dataset's .idx and .bin once at start to fill the page cache.")
+    use_shared_fs: bool = option(
+        True, "Data and index caches are on a file system every node sees: global rank 0 builds the caches; false: "
+        "local rank 0 of each node builds its own."
+    )
+    short_seq_prob: float = option(
+        0.1, "No effect, as in gpt-neox, whose GPT data never reads it (Megatron's BERT/T5 short-sequence "
+        "probability); accepted so its configs load."
+    )
+    curriculum_learning: dict | None = option(
+        None, "DeepSpeed curriculum section (enabled, curriculum_type seqlen, min/max_difficulty, schedule_type, "
+        "schedule_config): training batches are cut to the scheduled sequence length."
+    )
+    curriculum_seqlen: int = option(
+        0, "gpt-neox's internal record of the current curriculum length; logged as curriculum_seqlen, a value "
+        "given here has no effect."
+    )
+    char_level_ppl: bool = option(
+        False, "Also report character-level perplexity, exp(loss x tokens/characters) of the evaluated text, in "
+        "validation/test records and the perplexity eval task."
     )
     data_cache_dir: str | None = option(
         None, "Where sample/shuffle index files are cached; None means next to each dataset."
@@ -64,13 +105,31 @@ class DataConfig:
                 )
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ConfigError(f"'{stage}_data_weights' must be non-negative with a positive sum")
-        if self.label_data_paths is not None and (
-            self.train_data_paths is None or len(self.label_data_paths) != len(self.train_data_paths)
-        ):
-            raise ConfigError("'label_data_paths' needs one entry per 'train_data_paths' entry")
+        self._merge_label_alias()
+        for stage in ("train", "valid", "test"):
+            labels = getattr(self, f"{stage}_label_data_paths")
+            paths = getattr(self, f"{stage}_data_paths")
+            # gpt-neox pairs the lists by position (zip_longest): data paths past the last label have none.
+            if labels and (paths is None or len(labels) > len(paths)):
+                raise ConfigError(
+                    f"'{stage}_label_data_paths' gives the label dataset of each '{stage}_data_paths' entry by "
+                    f"position, but has {len(labels)} entries for {0 if paths is None else len(paths)} data paths; "
+                    f"labels go with '{stage}_data_paths', not with 'data_path'")
+        if self.weight_by_num_documents and self.data_path is not None:
+            raise ConfigError("'weight_by_num_documents' weights the datasets of train/valid/test_data_paths; with "
+                              "'data_path' there is one dataset and nothing to weight")
         if self.tokenizer_type == "GPT2BPETokenizer" and (self.vocab_file is None) != (self.merge_file is None):
             raise ConfigError("'tokenizer_type' GPT2BPETokenizer needs both 'vocab_file' and 'merge_file'")
         if self.num_workers < 0:
             raise ConfigError(f"'num_workers' must be >= 0, got {self.num_workers}")
         if self.weighted_sampler_alpha <= 0:
             raise ConfigError(f"'weighted_sampler_alpha' must be positive, got {self.weighted_sampler_alpha}")
+        check_curriculum(self.curriculum_learning)
+
+    def _merge_label_alias(self) -> None:
+        """label_data_paths (our older key) and train_label_data_paths (gpt-neox's) are one list."""
+        old, new = self.label_data_paths, self.train_label_data_paths
+        if old is not None and new is not None and old != new:
+            raise ConfigError("'label_data_paths' and 'train_label_data_paths' are the same list under two names "
+                              f"but differ ({old} vs {new}); keep one of them")
+        self.train_label_data_paths = new if new is not None else old

@@ -4,29 +4,46 @@ world_size = ranks per node summed over nodes: num_gpus x num_nodes, or the host
 include/exclude/num_nodes), or -- with neither -- every local GPU, and 1 rank on a machine without GPU.
 data_parallel_size = world_size / (model_parallel_size x pipeline stages); train_batch_size = micro batch x
 gradient accumulation x data_parallel_size (any two give the third); padded vocab = the tokenizer's vocab
-rounded up to make_vocab_size_divisible_by x model_parallel_size; lr_decay_iters defaults to train_iters;
+rounded up to make_vocab_size_divisible_by x model_parallel_size; lr_decay_iters defaults to
+floor(train_iters x lr_decay_fraction), else train_iters; iteration and eval_iteration mirror each other;
 precision follows fp16.enabled / bf16.enabled when unset.
 """
 from __future__ import annotations
 
+import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 
 from neox.config.errors import ConfigError
 from neox.config.launch import LaunchConfig
 from neox.config.neox_config import NeoXConfig
+from neox.config.optim import sections_precision
 
 
 def derive(cfg: NeoXConfig, *, vocab_size: int | None = None, local_gpus: int | None = None) -> None:
     """Fill the derived values of cfg in place and record 'derived: <rule>' as their provenance."""
+    _derive_launcher(cfg)
     hosts = resolve_hosts(cfg.launch, local_gpus)
     world = sum(hosts.values())
+    if cfg.launch.global_num_gpus is not None and cfg.launch.global_num_gpus != world:
+        if cfg.launch.hostfile is not None or cfg.launch.num_gpus is not None:
+            raise ConfigError(
+                f"'global_num_gpus' is {cfg.launch.global_num_gpus} but 'num_gpus' / 'num_nodes' / 'hostfile' give "
+                f"{world} ranks; remove one of them or make them agree"
+            )
+        world = cfg.launch.global_num_gpus  # a hypothetical job (plan, show-config); a launch checks it again
     _set(cfg, "derived", "world_size", world, "ranks per node summed over nodes")
     _set(cfg, "derived", "node_count", len(hosts), "nodes in use")
     dp = data_parallel_size(world, cfg.parallel.model_parallel_size, cfg.parallel.pipe_stages)
     _set(cfg, "derived", "data_parallel_size", dp, "world_size / (model_parallel_size x pipe stages)")
 
     t = cfg.train
+    if t.train_micro_batch_size_per_gpu is None and t.train_batch_size is None:
+        # No batch at all: a config for eval, generate or a converted model; training asks for one
+        # (validate.require_for_training), and gradient_accumulation_steps alone says nothing yet.
+        _derive_rest(cfg, vocab_size)
+        return
     micro, accum, total = batch_sizes(t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
                                       t.train_batch_size, dp)
     rule = "train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps x data_parallel_size"
@@ -39,9 +56,18 @@ def derive(cfg: NeoXConfig, *, vocab_size: int | None = None, local_gpus: int | 
             _set(cfg, "train", key, value, rule)
     if accum_is_default:
         cfg.provenance["gradient_accumulation_steps"] = "default"
+    _derive_rest(cfg, vocab_size)
 
+
+def _derive_rest(cfg: NeoXConfig, vocab_size: int | None) -> None:
+    t = cfg.train
     if cfg.optim.lr_decay_iters is None and t.train_iters is not None:
-        _set(cfg, "optim", "lr_decay_iters", t.train_iters, "= train_iters")
+        if cfg.optim.lr_decay_fraction is not None:
+            _set(cfg, "optim", "lr_decay_iters", max(1, math.floor(t.train_iters * cfg.optim.lr_decay_fraction)),
+                 "= floor(train_iters x lr_decay_fraction), at least 1")
+        else:
+            _set(cfg, "optim", "lr_decay_iters", max(1, t.train_iters), "= train_iters, at least 1")
+    _derive_iteration(cfg)
     if cfg.optim.precision is None:
         _set(cfg, "optim", "precision", precision_from_sections(cfg.optim.fp16, cfg.optim.bf16),
              "from fp16.enabled / bf16.enabled")
@@ -58,6 +84,45 @@ def derive(cfg: NeoXConfig, *, vocab_size: int | None = None, local_gpus: int | 
                 f"'padded_vocab_size' ({given}) must be >= the tokenizer's vocab size ({vocab_size}) and divisible "
                 f"by 'model_parallel_size' ({cfg.parallel.model_parallel_size}); remove it to get {padded}"
             )
+
+
+def _derive_iteration(cfg: NeoXConfig) -> None:
+    """eval_iteration (ours) and iteration (gpt-neox's) name the same checkpoint step."""
+    train_it, eval_it = cfg.train.iteration, cfg.eval.eval_iteration
+    if train_it is not None and eval_it is not None and train_it != eval_it:
+        raise ConfigError(f"'iteration' ({train_it}) and 'eval_iteration' ({eval_it}) both pick the checkpoint to "
+                          "load; keep one")
+    if train_it is None and eval_it is not None:
+        _set(cfg, "train", "iteration", eval_it, "= eval_iteration")
+    elif eval_it is None and train_it is not None:
+        _set(cfg, "eval", "eval_iteration", train_it, "= iteration")
+
+
+def _derive_launcher(cfg: NeoXConfig) -> None:
+    """gpt-neox's deepspeed_slurm / deepspeed_mpi: ranks come from srun / mpirun, always through the multi-node path.
+    A hostfile that does not exist means this machine alone, as DeepSpeed's launcher (and so gpt-neox) has it."""
+    launch = cfg.launch
+    if launch.hostfile is not None and not Path(launch.hostfile).exists():
+        if launch.num_nodes > 1:
+            raise ConfigError(f"'hostfile' {launch.hostfile} does not exist and 'num_nodes' asks for {launch.num_nodes} "
+                              "nodes: write the hostfile ('HOST slots=N' per node) or drop num_nodes")
+        _note_once(f"hostfile {launch.hostfile} not found: running on this machine only (as DeepSpeed does)")
+        _set(cfg, "launch", "hostfile", None, f"{launch.hostfile} does not exist: this machine only")
+    for flag, launcher in (("deepspeed_slurm", "slurm"), ("deepspeed_mpi", "openmpi")):
+        if getattr(launch, flag):
+            if launch.launcher == "pdsh":
+                _set(cfg, "launch", "launcher", launcher, f"{flag} is true")
+            if not launch.force_multi:
+                _set(cfg, "launch", "force_multi", True, f"{flag} is true")
+
+
+_noted: set[str] = set()  # deepy derives a config more than once; each note is printed once
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        logging.getLogger("neox.config").warning("%s", message)
 
 
 def _set(cfg: NeoXConfig, group: str, key: str, value: object, rule: str) -> None:
@@ -117,12 +182,21 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: i
     return -(-vocab_size // multiple) * multiple
 
 
+def adopt_padded_vocab_size(cfg: NeoXConfig, checkpoint_padded: int, vocab_size: int, checkpoint: str) -> bool:
+    """A run loading a checkpoint keeps the checkpoint's padded vocabulary when it derived (not pinned) its own
+    and model_parallel_size splits the checkpoint's evenly: the weights then load as saved. True if adopted."""
+    derived = cfg.provenance.get("padded_vocab_size", "").startswith("derived:")
+    if (not derived or checkpoint_padded == cfg.model.padded_vocab_size or checkpoint_padded < vocab_size
+            or checkpoint_padded % cfg.parallel.model_parallel_size):
+        return False
+    _set(cfg, "model", "padded_vocab_size", checkpoint_padded,
+         f"adopted from checkpoint {checkpoint} (model_parallel_size {cfg.parallel.model_parallel_size} divides it)")
+    return True
+
+
 def precision_from_sections(fp16: dict | None, bf16: dict | None) -> str:
-    fp16_on = bool((fp16 or {}).get("enabled", False))
-    bf16_on = bool((bf16 or {}).get("enabled", False))
-    if fp16_on and bf16_on:
-        raise ConfigError("'fp16.enabled' and 'bf16.enabled' are both true; enable one")
-    return "fp16" if fp16_on else "bfloat16" if bf16_on else "fp32"
+    """fp16 / bf16 from the enabled section (fp16 with type bfloat16 is bf16, as DeeperSpeed reads it), else fp32."""
+    return sections_precision(fp16 or {}, bf16 or {}) or "fp32"
 
 
 def read_hostfile(path: Path) -> OrderedDict[str, int]:

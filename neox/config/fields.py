@@ -70,6 +70,9 @@ def check_type(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
     elif hint is list or origin is list:
+        if isinstance(value, str) and get_args(hint) and get_args(hint)[0] is str:
+            # gpt-neox configs write one path or task where a list is expected (eval_tasks: piqa)
+            return [value]
         if isinstance(value, list):
             (item_hint,) = get_args(hint) or (Any,)
             try:

@@ -42,7 +42,8 @@ class LaunchConfig:
     no_ssh_check: bool = option(False, "Skip DeepSpeed's check that the first host is reachable by ssh.")
     force_multi: bool = option(False, "Use the multi-node launcher even for a single host.")
     distributed_backend: Literal["nccl", "gloo"] | None = option(
-        None, "torch.distributed backend; None means nccl on GPU and gloo on CPU."
+        "nccl", "torch.distributed backend. nccl (gpt-neox's default) on a machine without CUDA runs on gloo, "
+        "with a note; None picks nccl on GPU and gloo on CPU."
     )
     distributed_timeout_minutes: float = option(
         10.0,
@@ -50,6 +51,20 @@ class LaunchConfig:
         "after this long instead of waiting forever. Longer than the slowest legitimate wait (rank 0 building "
         "the data index caches, writing a checkpoint).",
     )
+    global_num_gpus: int | None = option(
+        None, "Total ranks of the job (gpt-neox meaning). Unset: num_gpus x nodes of the hostfile (or this machine). "
+        "Set: the batch arithmetic and `deepy plan` use it without a hostfile; a launch must start exactly this many."
+    )
+    deepspeed_slurm: bool = option(
+        False, "Ranks are started by srun (launcher slurm, forced multi-node) and read their rank from SLURM_* "
+        "variables; comment / account go to srun."
+    )
+    deepspeed_mpi: bool = option(
+        False, "Ranks are started by mpirun (launcher openmpi, forced multi-node) and read their rank from the MPI "
+        "environment (OMPI_COMM_WORLD_*)."
+    )
+    comment: str | None = option(None, "srun --comment of a slurm launch (launcher slurm / deepspeed_slurm).")
+    account: str | None = option(None, "srun --account of a slurm launch (launcher slurm / deepspeed_slurm).")
     deepspeed_extra_args: dict | None = option(
         None, "Extra entries merged into the generated DeepSpeed JSON config (for keys this config does not model)."
     )
@@ -71,6 +86,17 @@ class LaunchConfig:
             raise ConfigError(f"'distributed_timeout_minutes' must be > 0, got {self.distributed_timeout_minutes}")
         if self.ssh_args is not None:
             self._validate_ssh_args()
+        if self.global_num_gpus is not None and self.global_num_gpus < 1:
+            raise ConfigError(f"'global_num_gpus' must be >= 1, got {self.global_num_gpus}")
+        if self.deepspeed_slurm and self.deepspeed_mpi:
+            raise ConfigError("'deepspeed_slurm' and 'deepspeed_mpi' are both true; ranks come from srun or from "
+                              "mpirun, set one")
+        if self.deepspeed_slurm and self.launcher not in ("pdsh", "slurm"):
+            raise ConfigError(f"'deepspeed_slurm' starts ranks with srun, but 'launcher' is {self.launcher!r}; set "
+                              "launcher slurm (or leave it unset)")
+        if self.deepspeed_mpi and self.launcher not in ("pdsh", "openmpi", "mvapich"):
+            raise ConfigError(f"'deepspeed_mpi' starts ranks with mpirun, but 'launcher' is {self.launcher!r}; set "
+                              "launcher openmpi or mvapich (or leave it unset)")
         if self.no_ssh and self.node_rank < 0:
             raise ConfigError("'no_ssh' needs 'node_rank' (this node's index in the hostfile)")
 

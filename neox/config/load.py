@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,22 @@ import yaml
 from neox.config.derive import derive
 from neox.config.errors import ConfigError
 from neox.config.fields import TypeMismatch, check_type, field_default, group_fields
-from neox.config.kernel_keys import KERNEL_CHOICE_KEYS, accept_kernel_key
+from neox.config.gpt_neox_keys import non_field_keys
+from neox.config.gpt_neox_translate import (
+    Claim,
+    settle_derived_claims,
+    settle_merged_claims,
+    summarise_ignored_keys,
+    summarise_kernel_keys,
+    translate_layer,
+)
+from neox.config.optimizer_params import OPTIMIZER_PARAMS_BY_TYPE
 from neox.config.neox_config import COMMAND_LINE, DEFAULT, DERIVED_KEYS, GROUPS, KEY_GROUP, NeoXConfig
 from neox.config.validate import annotate, check_combinations, validate_groups
 from neox.config.yaml_file import normalise_key, read_config_file
+
+# gpt-neox keys that are not fields of ours: aliases, launch-time values, kernel switches, missing features.
+UPSTREAM_ONLY_KEYS = frozenset(non_field_keys())
 
 
 def load_config(
@@ -44,14 +57,17 @@ def load_config(
         layers.append((str(path), values, lines))
     if overrides:
         layers.append((COMMAND_LINE, parse_overrides(overrides), {}))
-    merged, provenance = merge_layers(layers)
-    cfg = build_config(merged, provenance, [str(p) for p in paths])
+    merged = merge_layers(layers)
+    cfg = build_config(merged.values, merged.provenance, [str(p) for p in paths])
     try:
         validate_groups(cfg)
         derive(cfg, vocab_size=vocab_size, local_gpus=local_gpus)
         check_combinations(cfg)
+        settle_derived_claims(cfg, merged.claims)
     except ConfigError as err:
         raise annotate(err, cfg) from None
+    summarise_kernel_keys(merged.kernel_keys)
+    summarise_ignored_keys(merged.ignored_keys)
     return cfg
 
 
@@ -73,6 +89,8 @@ def resolve_paths(files: Sequence[str | Path], config_dir: str | Path | None) ->
         path = Path(name)
         if config_dir is not None and not path.is_absolute():
             path = Path(config_dir) / path
+        if not path.is_file() and path.suffix not in (".yml", ".yaml", ".json") and path.with_name(path.name + ".yml").is_file():
+            path = path.with_name(path.name + ".yml")  # gpt-neox's deepy takes `125M` for `125M.yml`
         if not path.is_file():
             where = f" in config folder {config_dir}" if config_dir is not None else ""
             raise ConfigError(f"config file {path} not found{where}")
@@ -119,30 +137,69 @@ def _normalise_value(value: Any) -> Any:
     return value
 
 
-def merge_layers(layers: Sequence[tuple[str, dict[str, Any], dict[str, int]]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Merge (label, values, lines) layers in order; return the values and a dotted-key -> origin map."""
+@dataclass
+class Merged:
+    values: dict[str, Any]
+    provenance: dict[str, str]
+    claims: list[Claim] = field(default_factory=list)  # gpt-neox keys settled after the merge / the derivation
+    kernel_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def merge_layers(layers: Sequence[tuple[str, dict[str, Any], dict[str, int]]]) -> Merged:
+    """Merge (label, values, lines) layers in order; the values, a dotted-key -> origin map and the gpt-neox keys
+    (neox/config/gpt_neox_keys.py) that are settled later."""
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
-    for label, values, lines in layers:
+    set_at: dict[str, int] = {}
+    result = Merged(merged, provenance)
+    for index, (label, values, lines) in enumerate(layers):
         for key in values:
             _check_known(key, label, lines)
-        for key in [k for k in values if k in KERNEL_CHOICE_KEYS]:
-            accept_kernel_key(key, values[key], f"{label}:{lines[key]}" if key in lines else label)
-        kept = {k: v for k, v in values.items() if k not in KERNEL_CHOICE_KEYS}
-        _merge(merged, kept, "", label, lines, provenance)
-    return merged, provenance
+        translated = translate_layer(values, label, lines, index)
+        result.claims += translated.claims
+        result.kernel_keys += translated.kernel_keys
+        result.ignored_keys += translated.ignored_keys
+        _forget_params_of_another_optimizer(merged, translated.values, provenance)
+        _merge(merged, translated.values, "", label, lines, provenance)
+        for dotted, origin in translated.origins.items():
+            for stale in [k for k in provenance if k == dotted or k.startswith(dotted + ".")]:
+                del provenance[stale]
+            provenance[dotted] = origin
+        for key in translated.values:
+            set_at[key] = index
+    settle_merged_claims(merged, result.claims, set_at, provenance)
+    return result
+
+
+def _forget_params_of_another_optimizer(merged: dict[str, Any], layer: dict[str, Any],
+                                        provenance: dict[str, str]) -> None:
+    """A layer that switches optimizer.type starts its params afresh: Adam's betas/eps (the defaults, or an earlier
+    file's) mean nothing to lion or sm3, and would be refused as unknown params of that optimizer."""
+    new_type = (layer.get("optimizer") or {}).get("type") if isinstance(layer.get("optimizer"), dict) else None
+    old = merged.get("optimizer")
+    if not isinstance(new_type, str) or not isinstance(old, dict) or not isinstance(old.get("type"), str):
+        return
+    if not isinstance(old.get("params"), dict):
+        return
+    schemas = OPTIMIZER_PARAMS_BY_TYPE
+    if new_type.lower() == old["type"].lower() or schemas.get(new_type.lower(), 1) is schemas.get(old["type"].lower()):
+        return  # the same optimizer (adam / adamw): the params mean the same
+    old["params"] = {}
+    for stale in [k for k in provenance if k.startswith("optimizer.params.")]:
+        del provenance[stale]
 
 
 def _check_known(key: Any, label: str, lines: dict[str, int]) -> None:
     where = f"{label}:{lines[key]}" if key in lines else label
-    if key in KEY_GROUP or key in KERNEL_CHOICE_KEYS:
+    if key in KEY_GROUP or key in UPSTREAM_ONLY_KEYS:
         return
     if key in DERIVED_KEYS:
         raise ConfigError(
             f"{where}: '{key}' is derived and cannot be set; set num_gpus, num_nodes, hostfile, "
             "model_parallel_size and pipe_parallel_size instead"
         )
-    close = difflib.get_close_matches(str(key), list(KEY_GROUP), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), [*KEY_GROUP, *UPSTREAM_ONLY_KEYS], n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m neox.config.reference` for every key"
     raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
 

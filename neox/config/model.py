@@ -6,8 +6,8 @@ from typing import Literal, get_args
 
 from neox.config.errors import ConfigError
 
-PosEmb = Literal["learned", "rotary", "alibi", "none"]
-Norm = Literal["layernorm", "rmsnorm"]
+PosEmb = Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"]
+Norm = Literal["layernorm", "rmsnorm", "non_parametric_layernorm", "scalenorm"]
 # Gated activations split the MLP into a value and a gate projection: act(gate(x)) * value(x).
 PlainActivation = Literal["gelu", "gelu_tanh", "relu", "silu", "swish", "mish", "softsign"]
 GatedActivation = Literal["geglu", "reglu", "swiglu", "glu", "bilinear"]
@@ -28,6 +28,12 @@ NORMS = get_args(Norm)
 GATED_ACTIVATIONS = get_args(GatedActivation)
 ACTIVATIONS = get_args(Activation)
 INIT_METHODS = get_args(InitMethod)
+# attention_config layer types built here; every other gpt-neox type needs a feature this project does not have.
+ATTENTION_TYPES = ("global", "flash", "local")
+GPT_NEOX_ATTENTION_TYPES = ("global", "local", "sparse_fixed", "sparse_variable", "bigbird", "bslongformer", "gmlp",
+                            "amlp", "flash", "rwkv", "mamba")
+PARAM_SHARING_STYLES = ("grouped", "spaced")
+OUTPUT_LAYER_PARALLELISM = ("column", "row")
 
 
 def _help(text: str, default):
@@ -84,13 +90,108 @@ class ModelConfig:
     init_method_std: float = _help("Standard deviation of the normal init (and base of scaled_normal).", 0.02)
     attention_dropout: float = _help("Dropout probability on attention probabilities.", 0.0)
     hidden_dropout: float = _help("Dropout probability on embeddings and on each residual branch output.", 0.0)
-    checkpoint_activations: bool = _help("Recompute each layer in backward instead of keeping activations.", False)
+    checkpoint_activations: bool = _help(
+        "Recompute the transformer layers in backward (checkpoint_num_layers at a time) instead of keeping their "
+        "activations.",
+        False,
+    )
     attention_softmax_in_fp32: bool = _help("Compute attention in fp32 when the model runs in fp16/bf16.", False)
     make_vocab_size_divisible_by: int = _help(
         "The embedding has the tokenizer's vocab size rounded up to a multiple of this.", 128
     )
     padded_vocab_size: int | None = _help(
         "Rows of the embedding and output head; derived from the tokenizer, not set by hand.", None
+    )
+
+    # ---- attention variants ----
+    attention_config: list | None = _help(
+        "Attention type per layer in gpt-neox's [[types, repeat], ...] form ('all' as repeat fills every layer; a "
+        "flat list of num_layers types is taken as is); None = every layer 'global'. 'global' and 'flash' are exact "
+        "causal attention through SDPA (its flash kernel on GPU), 'local' is DeepSpeed's local sliding-window block "
+        "pattern (sparsity_config 'block', 'num_local_blocks') as a dense mask.",
+        None,
+    )
+    sparsity_config: dict | None = _help(
+        "Block pattern of 'local' layers: 'block' (tokens per block, default 16) and 'num_local_blocks' (alias "
+        "'num_sliding_window_blocks', default 4): a query sees the causal keys of its own block and the "
+        "num_local_blocks // 2 blocks before it.",
+        None,
+    )
+    sliding_window_width: int | None = _help(
+        "Sliding-window attention on 'global' and 'flash' layers: a query at position i sees keys i - width .. i "
+        "(width + 1 keys, flash-attn's window_size=(width, 0); Hugging Face Mistral's sliding_window = width + 1).",
+        None,
+    )
+    use_qk_layernorm: bool = _help(
+        "Normalise queries and keys before rotary (one norm of the configured type shared by q and k, weights per "
+        "(head, head dim)); with grouped-query attention the keys are expanded to the query heads first.",
+        False,
+    )
+    apply_query_key_layer_scaling: bool = _help(
+        "On 'global' layers: scores q.k / (sqrt(head_dim) * max(1, layer index)) in the model dtype, then x that "
+        "factor in fp32 before the fp32 softmax (gpt-neox's fp16 overflow guard; position biases are scaled by it "
+        "too). Forces the fp32 softmax.",
+        False,
+    )
+    rpe_num_buckets: int = _help("Buckets of the T5 relative position bias (pos_emb 'rpe').", 32)
+    rpe_max_distance: int = _help("Distance from which T5 relative positions share the last bucket.", 128)
+    opt_pos_emb_offset: int = _help(
+        "Learned positions read row position + offset (OPT checkpoints use 2); the table needs seq_length + "
+        "offset rows.",
+        0,
+    )
+    rotary_save_freqs_buffer: bool = _help(
+        "Keep each layer's rotary inv_freq buffer in the state dict (attention.rotary_emb.inv_freq), as gpt-neox "
+        "checkpoints saved with it carry it; a state dict without it still loads.",
+        False,
+    )
+    scalenorm_epsilon: float = _help("Lower bound of the vector norm in ScaleNorm (norm 'scalenorm').", 1.0e-8)
+    gpt_j_tied: bool = _help(
+        "With gpt_j_residual: one norm feeds both branches, x + attn(ln(x)) + mlp(ln(x)) (no post-attention norm).",
+        False,
+    )
+    num_unique_layers: int | None = _help(
+        "Share parameters across layers: only this many distinct layers (must divide num_layers); None = all "
+        "distinct. Not with a multi-stage pipeline.",
+        None,
+    )
+    param_sharing_style: str = _help(
+        "Order of the shared layers: 'grouped' = 1 2 1 2, 'spaced' = 1 1 2 2 (for 4 layers, 2 unique).", "grouped"
+    )
+    output_layer_parallelism: Literal["column", "row"] = _help(
+        "Untied output head under tensor parallelism: 'column' splits the vocabulary (vocab-parallel cross "
+        "entropy), 'row' splits the hidden dim (partial logits all-reduced). A tied head is always the "
+        "vocab-parallel embedding table, as in gpt-neox.",
+        "column",
+    )
+
+    # ---- activation checkpointing (with checkpoint_activations) ----
+    checkpoint_num_layers: int = _help("Transformer layers recomputed together per activation checkpoint.", 1)
+    deepspeed_activation_checkpointing: bool = _help(
+        "Checkpoint through deepspeed.checkpointing (configured by the keys below); false: torch.utils.checkpoint "
+        "(those keys then have no effect).",
+        True,
+    )
+    partition_activations: bool = _help(
+        "Split each saved checkpoint input across the tensor-parallel ranks (gathered again for recompute).", False
+    )
+    contiguous_checkpointing: bool = _help(
+        "Copy partitioned checkpoints into one preallocated buffer (needs partition_activations).", False
+    )
+    checkpoint_in_cpu: bool = _help("Keep the saved checkpoint inputs in CPU memory.", False)
+    synchronize_each_layer: bool = _help("Synchronise the device at the start and end of each checkpoint.", False)
+    profile_backward: bool = _help("Log forward/backward times of each checkpointed chunk (DeepSpeed timers).", False)
+
+    # ---- numerics and initialisation ----
+    fp16_lm_cross_entropy: bool = _help(
+        "Per-token cross entropy of the head computed in fp16 (gpt-neox: needs precision fp16); the mean over "
+        "tokens stays fp32.",
+        False,
+    )
+    use_cpu_initialization: bool = _help(
+        "Initial weights drawn on the CPU then moved; neox always initialises this way (one single-device draw, "
+        "sliced per tensor-parallel rank), so both values give the same weights.",
+        False,
     )
 
     # ---- derived values the model reads ----
@@ -128,6 +229,38 @@ class ModelConfig:
     @property
     def rotary_ndims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def attention_types(self) -> list[str]:
+        """One attention type per layer, expanded from attention_config as gpt-neox expands it."""
+        return expand_attention_types(self.attention_config, self.num_layers)
+
+    @property
+    def local_attention_blocks(self) -> tuple[int, int]:
+        """(block size, blocks a 'local' query looks back) of DeepSpeed's LocalSlidingWindowSparsityConfig."""
+        sparsity = self.sparsity_config or {}
+        block = sparsity.get("block", 16)
+        window_blocks = sparsity.get("num_local_blocks", sparsity.get("num_sliding_window_blocks", 4))
+        return block, window_blocks // 2
+
+    @property
+    def unique_layer_of(self) -> list[int]:
+        """For each layer, the index of the distinct (parameter-owning) layer it runs."""
+        unique = self.num_unique_layers or self.num_layers
+        if self.param_sharing_style == "grouped":
+            return [i % unique for i in range(self.num_layers)]
+        return [i // (self.num_layers // unique) for i in range(self.num_layers)]
+
+    @property
+    def layer_owners(self) -> list[int]:
+        """For each layer, the first layer running the same parameters (itself unless num_unique_layers shares)."""
+        first: dict[int, int] = {}
+        return [first.setdefault(unique, layer) for layer, unique in enumerate(self.unique_layer_of)]
+
+    @property
+    def row_parallel_head(self) -> bool:
+        """The head is split over the hidden dim under tp (an untied head with output_layer_parallelism 'row')."""
+        return self.output_layer_parallelism == "row" and self.no_weight_tying
 
     def validate(self) -> None:
         """Raise ConfigError naming the first offending key(s)."""
@@ -184,8 +317,114 @@ class ModelConfig:
             raise ConfigError("'intermediate_size' / 'expansion_factor' give an empty MLP; raise them")
         if self.padded_vocab_size is not None and self.padded_vocab_size <= 0:
             raise ConfigError(f"'padded_vocab_size' must be positive, got {self.padded_vocab_size}")
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        """The gpt-neox options of attention, positions, norms, sharing and checkpointing."""
+        types = self.attention_types
+        if "local" in types:
+            _check_sparsity_config(self.sparsity_config)
+        if self.sliding_window_width is not None and (
+            isinstance(self.sliding_window_width, bool) or self.sliding_window_width < 0
+        ):
+            raise ConfigError("'sliding_window_width' must be a non-negative integer, got "
+                              f"{self.sliding_window_width!r}")
+        if self.pos_emb == "rpe":
+            if self.rpe_num_buckets < 2:
+                raise ConfigError(f"'rpe_num_buckets' must be >= 2, got {self.rpe_num_buckets}")
+            if self.rpe_max_distance <= self.rpe_num_buckets // 2:
+                raise ConfigError(f"'rpe_max_distance' ({self.rpe_max_distance}) must exceed half of "
+                                  f"'rpe_num_buckets' ({self.rpe_num_buckets}): T5's logarithmic buckets start there")
+        if self.pos_emb == "sinusoidal" and self.hidden_size % 2:
+            raise ConfigError(f"'pos_emb: sinusoidal' needs an even 'hidden_size', got {self.hidden_size}")
+        if self.opt_pos_emb_offset < 0:
+            raise ConfigError(f"'opt_pos_emb_offset' must be >= 0, got {self.opt_pos_emb_offset}")
+        if self.pos_emb == "learned" and self.opt_pos_emb_offset and \
+                self.max_positions < self.seq_length + self.opt_pos_emb_offset:
+            raise ConfigError(f"'opt_pos_emb_offset' {self.opt_pos_emb_offset} reads learned position rows up to "
+                              f"seq_length + offset = {self.seq_length + self.opt_pos_emb_offset}: raise "
+                              f"'max_position_embeddings' (now {self.max_positions}) to at least that")
+        if self.scalenorm_epsilon <= 0:
+            raise ConfigError(f"'scalenorm_epsilon' must be positive, got {self.scalenorm_epsilon}")
+        _choice("param_sharing_style", self.param_sharing_style, PARAM_SHARING_STYLES)
+        _choice("output_layer_parallelism", self.output_layer_parallelism, OUTPUT_LAYER_PARALLELISM)
+        unique = self.num_unique_layers
+        if unique is not None and not (0 < unique <= self.num_layers and self.num_layers % unique == 0):
+            raise ConfigError(f"'num_unique_layers' ({unique}) must be a positive divisor of 'num_layers' "
+                              f"({self.num_layers})")
+        if unique is not None:
+            for layer, owner in enumerate(self.layer_owners):
+                if types[layer] != types[owner]:
+                    raise ConfigError(f"layers {owner} and {layer} share parameters ('num_unique_layers' {unique}, "
+                                      f"'param_sharing_style' {self.param_sharing_style}) but 'attention_config' "
+                                      f"gives them different types ({types[owner]}, {types[layer]})")
+        if self.checkpoint_num_layers < 1:
+            raise ConfigError(f"'checkpoint_num_layers' must be >= 1, got {self.checkpoint_num_layers}")
+        if self.contiguous_checkpointing and not self.partition_activations:
+            raise ConfigError("'contiguous_checkpointing' needs 'partition_activations: true' (DeepSpeed copies "
+                              "the partitioned checkpoints into its contiguous buffer)")
+
+
+def expand_attention_types(attention_config: list | None, num_layers: int) -> list[str]:
+    """gpt-neox's expand_attention_types: [[types, n], ...] -> types repeated n times, in order; an item whose n is
+    'all' repeats its pattern over every layer (num_layers must be a multiple of its length) and ends the list; a
+    list of plain strings is already expanded. Raises ConfigError naming 'attention_config'."""
+    if attention_config is None:
+        return ["global"] * num_layers
+    if not isinstance(attention_config, list):
+        raise ConfigError(f"'attention_config' must be a list like [[[\"global\"], {num_layers}]], got "
+                          f"{attention_config!r}")
+    if all(isinstance(item, str) for item in attention_config):
+        types = list(attention_config)
+    else:
+        types = []
+        for item in attention_config:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+                    and all(isinstance(t, str) for t in item[0]) and item[0]
+                    and (item[1] == "all" or (isinstance(item[1], int) and not isinstance(item[1], bool)))):
+                raise ConfigError(f"'attention_config' item {item!r} is not [[type, ...], count or 'all']")
+            pattern, repeat = item
+            if repeat == "all":
+                if num_layers % len(pattern):
+                    raise ConfigError(f"'attention_config': num_layers ({num_layers}) is not a multiple of the "
+                                      f"length of the 'all' pattern {pattern}")
+                types = pattern * (num_layers // len(pattern))
+                break
+            types += pattern * repeat
+    if len(types) != num_layers:
+        raise ConfigError(f"'attention_config' gives {len(types)} layer types but 'num_layers' is {num_layers}")
+    for kind in types:
+        if kind not in GPT_NEOX_ATTENTION_TYPES:
+            raise ConfigError(f"'attention_config' layer type {kind!r} is unknown; gpt-neox's types are "
+                              f"{', '.join(GPT_NEOX_ATTENTION_TYPES)}")
+        if kind not in ATTENTION_TYPES:
+            raise ConfigError(f"'attention_config' layer type {kind!r} is not built by this model (it builds "
+                              f"{', '.join(ATTENTION_TYPES)})")
+    return types
+
+
+def _check_sparsity_config(sparsity: dict | None) -> None:
+    for key in ("block", "num_local_blocks", "num_sliding_window_blocks"):
+        value = (sparsity or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"'sparsity_config' {key!r} must be a positive integer, got {value!r}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"model key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_model_combinations(model: ModelConfig, pipe_parallel_size: int, precision: str | None) -> None:
+    """Model keys that depend on the layout or the precision (neox/config/validate.py:check_combinations)."""
+    if model.fp16_lm_cross_entropy and precision != "fp16":
+        raise ConfigError(f"'fp16_lm_cross_entropy' needs 'precision' fp16 (as in gpt-neox), got {precision}: turn "
+                          "it off, or train in fp16 (a GPU: fp16 training is refused on the CPU)")
+    if model.num_unique_layers not in (None, model.num_layers) and pipe_parallel_size >= 1:
+        raise ConfigError(f"'num_unique_layers' ({model.num_unique_layers}) shares layers, which DeepSpeed's pipeline "
+                          f"engine ('pipe_parallel_size' {pipe_parallel_size} >= 1) would hold as separate copies per "
+                          "stage (gpt-neox also shares them only without it): set pipe_parallel_size 0")
+    if model.pos_emb == "rpe" and pipe_parallel_size >= 2:
+        raise ConfigError(f"'pos_emb: rpe' with 'pipe_parallel_size' {pipe_parallel_size}: every layer reads the one "
+                          "T5 bias table, which would be split into untied copies per pipeline stage (gpt-neox lets "
+                          "them drift apart); use pipe_parallel_size 0 or 1")

@@ -11,6 +11,7 @@ from neox.config.generate import GenerateConfig
 from neox.config.launch import LaunchConfig
 from neox.config.log import LogConfig
 from neox.config.model import ModelConfig
+from neox.config.mup import MupConfig
 from neox.config.optim import OptimConfig
 from neox.config.parallel import ParallelConfig
 from neox.config.train import TrainConfig
@@ -36,6 +37,7 @@ GROUPS: dict[str, type] = {
     "launch": LaunchConfig,
     "generate": GenerateConfig,
     "eval": EvalConfig,
+    "mup": MupConfig,
 }
 DERIVED_KEYS = frozenset(group_fields(DerivedConfig))
 
@@ -69,6 +71,7 @@ class NeoXConfig:
     launch: LaunchConfig
     generate: GenerateConfig
     eval: EvalConfig
+    mup: MupConfig
     derived: DerivedConfig = field(default_factory=DerivedConfig)
     # Dotted key ("num_layers", "optimizer.params.lr") -> "configs/125M.yml:14", "command line", "default"
     # or "derived: <rule>". Dict-valued keys are tracked per leaf, so a merge shows which file set what.

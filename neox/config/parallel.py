@@ -16,9 +16,10 @@ class ParallelConfig:
         "with that many stages (gpt-neox meaning).",
     )
     pipe_partition_method: str = option(
-        "parameters",
-        "How DeepSpeed splits layers across stages: 'parameters' (balance parameter counts), 'uniform' "
-        "(balance layer counts) or 'type:REGEX' (balance layers whose class name matches).",
+        "type:transformer|mlp",
+        "How DeepSpeed splits layers across stages: 'type:REGEX' balances the layers whose class name matches "
+        "(gpt-neox's default 'type:transformer|mlp' = the transformer layers), 'parameters' balances parameter "
+        "counts, 'uniform' layer counts.",
     )
 
     @property

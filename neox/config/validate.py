@@ -4,7 +4,10 @@ from __future__ import annotations
 import re
 
 from neox.config.errors import ConfigError
+from neox.config.model import check_model_combinations
+from neox.config.mup import check_mup_combinations
 from neox.config.neox_config import DERIVED_KEYS, KEY_GROUP, NeoXConfig
+from neox.config.optim import sections_precision
 
 _QUOTED = re.compile(r"'([A-Za-z_][\w.]*)'")
 
@@ -40,11 +43,34 @@ def check_combinations(cfg: NeoXConfig) -> None:
             "works with pipelines), or set pipe_parallel_size 0 to keep ZeRO-2/3"
         )
     precision = cfg.optim.precision
-    fp16_on = bool((cfg.optim.fp16 or {}).get("enabled", False))
-    bf16_on = bool((cfg.optim.bf16 or {}).get("enabled", False))
-    if (fp16_on and precision != "fp16") or (bf16_on and precision != "bfloat16"):
-        section = "fp16" if fp16_on else "bf16"
-        raise ConfigError(f"'precision' is {precision} but '{section}.enabled' is true; make them agree")
+    fp16, bf16 = cfg.optim.fp16 or {}, cfg.optim.bf16 or {}
+    wanted = sections_precision(fp16, bf16)
+    if wanted is not None and precision != wanted:
+        section = "bf16" if bf16.get("enabled") else "fp16"
+        means = " (with fp16.type bfloat16: bf16 training, as DeeperSpeed reads it)" if section == "fp16" and \
+            wanted == "bfloat16" else ""
+        raise ConfigError(f"'precision' is {precision} but '{section}.enabled' is true{means}; make them agree")
+    check_train_epochs(cfg)
+    check_mup_combinations(cfg)
+    check_model_combinations(model, pp, precision)
+
+
+def check_train_epochs(cfg: NeoXConfig) -> None:
+    """gpt-neox's restrictions on train_epochs: an epoch is one pass over every train dataset, unweighted."""
+    if cfg.train.train_epochs is None:
+        return
+    weights = cfg.data.train_data_weights
+    if weights and any(w != 1.0 for w in weights):
+        raise ConfigError(f"'train_epochs' cannot be used with unequal 'train_data_weights' ({weights}): an epoch "
+                          "is one pass over every train dataset; use train_iters to train a weighted mixture")
+    if getattr(cfg.data, "weight_by_num_documents", False):
+        raise ConfigError("'train_epochs' cannot be used with 'weight_by_num_documents' (as in gpt-neox); use "
+                          "train_iters")
+    for key, needed in (("pack_impl", "packed"), ("dataset_impl", "gpt2")):
+        value = getattr(cfg.data, key, needed)  # keys that other features add to the data group
+        if value != needed:
+            raise ConfigError(f"'train_epochs' needs '{key}' {needed} (as in gpt-neox), got {value!r}; use "
+                              "train_iters")
 
 
 def annotate(err: ConfigError, cfg: NeoXConfig) -> ConfigError:
@@ -62,8 +88,11 @@ def annotate(err: ConfigError, cfg: NeoXConfig) -> ConfigError:
 
 def require_for_training(cfg: NeoXConfig) -> None:
     """What `deepy train` needs beyond a valid config: a length, data, and a run directory."""
-    if cfg.train.train_iters is None:
-        raise ConfigError("'train_iters' must be set to train")
+    if cfg.train.train_iters is None and cfg.train.train_epochs is None:
+        raise ConfigError("'train_iters' (or 'train_epochs') must be set to train")
+    if cfg.train.train_micro_batch_size_per_gpu is None:
+        raise ConfigError("training needs a batch size: set 'train_micro_batch_size_per_gpu' (sequences per rank per "
+                          "forward pass) or 'train_batch_size' (sequences per optimizer step)")
     if cfg.data.data_path is None and cfg.data.train_data_paths is None:
         raise ConfigError("training needs data: set 'data_path' or 'train_data_paths' (e.g. configs/local_setup.yml)")
     if cfg.train.save is None and cfg.log.log_dir is None:

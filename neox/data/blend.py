@@ -21,7 +21,7 @@ import torch
 from neox.data import index_cache
 from neox.data.errors import DataError
 
-__all__ = ["BlendedDataset", "blending_indices", "normalized_weights"]
+__all__ = ["BlendedDataset", "blending_indices", "normalized_weights", "weights_by_num_docs"]
 
 _BLEND_FORMAT = "neox-blend-v1"
 _ARRAY_NAMES = ("dataset_index", "dataset_sample_index")
@@ -34,6 +34,28 @@ def normalized_weights(weights: Sequence[float], what: str = "weights") -> np.nd
     if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
         raise DataError(f"{what} must be finite, >= 0 and not all zero, got {list(weights)}")
     return values / values.sum()
+
+
+def weights_by_num_docs(num_docs: Sequence[int], alpha: float) -> np.ndarray:
+    """gpt-neox's weight_by_num_documents weights for datasets of ``num_docs`` documents.
+
+    With p_i = n_i / sum(n): q_i = p_i ** alpha / sum_j p_j ** alpha (alpha < 1 lifts the small datasets), then
+    w_i = q_i (1 - p_i) / sum_j q_j (1 - p_j). The (1 - p_i) factor is gpt-neox's own ("weights should be the
+    inverse of the number of samples"), kept so a blend here draws as gpt-neox's does. One dataset gets [1.0].
+    """
+    counts = np.asarray([int(n) for n in num_docs], dtype=np.float64)
+    if len(counts) == 1:
+        return np.ones(1)
+    if len(counts) == 0 or np.any(counts < 0) or counts.sum() <= 0:
+        raise DataError(f"weight_by_num_documents needs datasets with documents, got counts {list(num_docs)}")
+    unbiased = counts / counts.sum()
+    boosted = unbiased**alpha
+    boosted /= boosted.sum()
+    weights = boosted * (1.0 - unbiased)
+    if weights.sum() <= 0:
+        raise DataError(f"weight_by_num_documents gives every dataset weight 0 for document counts "
+                        f"{list(num_docs)} (all documents in one dataset); give *_data_weights instead")
+    return weights / weights.sum()
 
 
 def blending_indices(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +157,13 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {index} out of range for a blend of {self.num_samples} samples")
         member = int(self.dataset_index[index])
         return self.datasets[member][int(self.dataset_sample_index[index])]
+
+    def text_tokens(self, index: int) -> np.ndarray:
+        """The unpadded text of blend sample ``index`` (char_level_ppl counts it)."""
+        if not -self.num_samples <= index < self.num_samples:
+            raise IndexError(f"sample {index} out of range for a blend of {self.num_samples} samples")
+        member = int(self.dataset_index[index])
+        return self.datasets[member].text_tokens(int(self.dataset_sample_index[index]))
 
     def __repr__(self) -> str:
         return f"BlendedDataset({len(self.datasets)} datasets, weights={self.weights.round(4).tolist()}, samples={len(self)})"

@@ -1,24 +1,30 @@
 """Train/valid/test datasets from the data keys of the config (gpt-neox semantics).
 
 Either ``data_path``: one prefix cut into document ranges by ``split`` ("969,30,1", normalised);
-or ``train/valid/test_data_paths``: prefix lists blended by their weights. ``label_data_paths``
-maps a text prefix to the prefix of its label dataset (gpt-neox's *_label_data_paths, zipped
-with the corresponding data paths).
+or ``train/valid/test_data_paths``: prefix lists blended by their weights, or with
+``weight_by_num_documents`` by their document counts (gpt-neox's weights_by_num_docs). Each
+``*_label_data_paths`` list gives the label dataset of the data path at the same position.
+``data_impl`` picks the on-disk format, ``pack_impl``/``allow_chopped`` how samples are cut.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from neox.data.blend import BlendedDataset, normalized_weights
+from neox.data.blend import BlendedDataset, normalized_weights, weights_by_num_docs
 from neox.data.errors import DataError
+from neox.data.formats import AnyIndexed, open_indexed
 from neox.data.gpt_dataset import GPTDataset
-from neox.data.indexed import IndexedDataset, IndexedDatasetError
 
-__all__ = ["build_train_valid_test", "parse_split", "split_document_ranges", "split_num_samples"]
+if TYPE_CHECKING:
+    from neox.config.data import DataConfig
+
+__all__ = ["DatasetOptions", "build_train_valid_test", "datasets_from_config", "is_index_builder", "parse_split",
+           "split_document_ranges", "split_num_samples"]
 
 SPLIT_NAMES = ("train", "valid", "test")
 # gpt-neox sizes each blend member 0.5% above its share so rounding never starves the blend.
@@ -64,30 +70,31 @@ def split_num_samples(train_iters: int, eval_interval: int, eval_iters: int, glo
     )
 
 
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How every dataset of a build is read and cut (gpt-neox's keys of the same names)."""
+
+    data_impl: str = "infer"
+    mmap_warmup: bool = False
+    pack_impl: str = "packed"
+    allow_chopped: bool = True
+    weight_by_num_documents: bool = False
+    weighted_sampler_alpha: float = 1.0
+
+
 class _Opener:
     """Opens each prefix once per build and turns file problems into errors naming the key."""
 
-    def __init__(self, label_data_paths: Mapping[str, str] | None) -> None:
-        self.labels = dict(label_data_paths or {})
-        self.opened: dict[str, IndexedDataset] = {}
+    def __init__(self, options: DatasetOptions) -> None:
+        self.options = options
+        self.opened: dict[str, AnyIndexed] = {}
 
-    def open(self, prefix: str, key: str) -> IndexedDataset:
+    def open(self, prefix: str, key: str) -> AnyIndexed:
         prefix = os.fspath(prefix)
         if prefix not in self.opened:
-            if not IndexedDataset.exists(prefix):
-                raise DataError(
-                    f"{key}: no dataset at prefix {prefix!r} (expected {prefix}.bin and {prefix}.idx; "
-                    f"give the path without the extension, as written by tools/preprocess_data)"
-                )
-            try:
-                self.opened[prefix] = IndexedDataset(prefix)
-            except IndexedDatasetError as err:
-                raise DataError(f"{key}: {err}") from err
+            self.opened[prefix] = open_indexed(prefix, self.options.data_impl, key=key,
+                                               warmup=self.options.mmap_warmup)
         return self.opened[prefix]
-
-    def label_for(self, prefix: str) -> IndexedDataset | None:
-        label = self.labels.get(os.fspath(prefix))
-        return None if label is None else self.open(label, f"label_data_paths[{prefix!r}]")
 
 
 def build_train_valid_test(
@@ -99,36 +106,60 @@ def build_train_valid_test(
     train_data_weights: Sequence[float] | None,
     valid_data_weights: Sequence[float] | None,
     test_data_weights: Sequence[float] | None,
-    label_data_paths: Mapping[str, str] | None = None,
+    train_label_data_paths: Sequence[str] | None = None,
+    valid_label_data_paths: Sequence[str] | None = None,
+    test_label_data_paths: Sequence[str] | None = None,
     split: str = "969,30,1",
     seq_length: int,
     seed: int,
     num_samples: tuple[int, int, int],
     cache_dir: str | os.PathLike[str] | None = None,
+    options: DatasetOptions = DatasetOptions(),
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """The three datasets (None where a split has no data or needs no samples)."""
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise DataError(f"num_samples must be 3 non-negative counts (train, valid, test), got {num_samples}")
-    opener = _Opener(label_data_paths)
-    given = {os.fspath(p) for p in [data_path or "", *(train_data_paths or []), *(valid_data_paths or []), *(test_data_paths or [])] if p}
-    stray = sorted(set(opener.labels) - given)
-    if stray:
-        raise DataError(
-            f"label_data_paths has labels for {stray}, which is not among data_path or the "
-            f"train/valid/test data paths; key each label prefix by its text prefix, spelled the same"
-        )
+    opener = _Opener(options)
     if data_path and train_data_paths:
         raise DataError("set either data_path (one dataset, cut by `split`) or train_data_paths, not both")
+    lists = (train_data_paths, valid_data_paths, test_data_paths)
+    label_lists = (train_label_data_paths, valid_label_data_paths, test_label_data_paths)
+    for name, paths, labels in zip(SPLIT_NAMES, lists, label_lists):
+        if labels and (not paths or len(labels) > len(paths)):
+            raise DataError(f"{name}_label_data_paths has {len(labels)} entries but {name}_data_paths has "
+                            f"{len(paths or [])}; the i-th label prefix goes with the i-th data prefix (labels go "
+                            f"with {name}_data_paths, not with data_path)")
     if data_path:
         return _from_split(opener, data_path, split, seq_length, seed, num_samples, cache_dir)
     if not train_data_paths:
         raise DataError("no training data: set data_path or train_data_paths")
-    lists = (train_data_paths, valid_data_paths, test_data_paths)
     weights = (train_data_weights, valid_data_weights, test_data_weights)
     return tuple(  # type: ignore[return-value]
-        _blend(opener, name, paths or [], w, n, seq_length, seed, cache_dir)
-        for name, paths, w, n in zip(SPLIT_NAMES, lists, weights, num_samples)
+        _blend(opener, name, paths or [], labels or [], w, n, seq_length, seed, cache_dir)
+        for name, paths, labels, w, n in zip(SPLIT_NAMES, lists, label_lists, weights, num_samples)
     )
+
+
+def is_index_builder(rank: int, local_rank: int, use_shared_fs: bool) -> bool:
+    """Whether this rank builds the index caches before the others load them (gpt-neox's use_shared_fs): global
+    rank 0 when every node sees the same files, else local rank 0 of every node, each into its own file system."""
+    return rank == 0 if use_shared_fs else local_rank == 0
+
+
+def datasets_from_config(data: DataConfig, *, seq_length: int, seed: int, num_samples: tuple[int, int, int]
+                         ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+    """build_train_valid_test with every data key of the config."""
+    options = DatasetOptions(
+        data_impl=data.data_impl, mmap_warmup=data.mmap_warmup, pack_impl=data.pack_impl,
+        allow_chopped=data.allow_chopped, weight_by_num_documents=data.weight_by_num_documents,
+        weighted_sampler_alpha=data.weighted_sampler_alpha)
+    return build_train_valid_test(
+        data_path=data.data_path, train_data_paths=data.train_data_paths, valid_data_paths=data.valid_data_paths,
+        test_data_paths=data.test_data_paths, train_data_weights=data.train_data_weights,
+        valid_data_weights=data.valid_data_weights, test_data_weights=data.test_data_weights,
+        train_label_data_paths=data.train_label_data_paths, valid_label_data_paths=data.valid_label_data_paths,
+        test_label_data_paths=data.test_label_data_paths, split=data.split, seq_length=seq_length, seed=seed,
+        num_samples=num_samples, cache_dir=data.data_cache_dir, options=options)
 
 
 def _from_split(
@@ -141,7 +172,6 @@ def _from_split(
     cache_dir: str | os.PathLike[str] | None,
 ) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
     indexed = opener.open(data_path, "data_path")
-    label = opener.label_for(data_path)
     ranges = split_document_ranges(split, len(indexed.sizes))
     datasets: list[GPTDataset | None] = []
     for name, (start, end), wanted in zip(SPLIT_NAMES, ranges, num_samples):
@@ -155,9 +185,11 @@ def _from_split(
                 f"share or set its iterations to 0"
             )
         documents = np.arange(start, end, dtype=np.int64)
+        options = opener.options
         datasets.append(
             GPTDataset(
-                name, indexed, documents, wanted, seq_length, seed, cache_dir=cache_dir, label_dataset=label
+                name, indexed, documents, wanted, seq_length, seed, cache_dir=cache_dir,
+                pack_impl=options.pack_impl, allow_chopped=options.allow_chopped,
             )
         )
     return datasets[0], datasets[1], datasets[2]
@@ -167,6 +199,7 @@ def _blend(
     opener: _Opener,
     split_name: str,
     paths: Sequence[str],
+    label_paths: Sequence[str],
     weights: Sequence[float] | None,
     wanted: int,
     seq_length: int,
@@ -176,6 +209,11 @@ def _blend(
     if not paths or wanted == 0:
         return None
     key = f"{split_name}_data_paths"
+    options = opener.options
+    indexed_sets = [opener.open(path, f"{key}[{i}]") for i, path in enumerate(paths)]
+    if options.weight_by_num_documents:
+        # gpt-neox counts the sequences of each .idx (one per document, as preprocess_data writes them).
+        weights = list(weights_by_num_docs([len(d.sizes) for d in indexed_sets], options.weighted_sampler_alpha))
     if weights is None or len(weights) == 0:
         weights = [1.0] * len(paths)
     if len(weights) != len(paths):
@@ -185,9 +223,10 @@ def _blend(
         )
     shares = normalized_weights(weights, f"{split_name}_data_weights")
     members = []
-    for i, (path, share) in enumerate(zip(paths, shares)):
-        indexed = opener.open(path, f"{key}[{i}]")
+    for i, (indexed, share) in enumerate(zip(indexed_sets, shares)):
         member_samples = wanted if len(paths) == 1 else math.ceil(wanted * share * BLEND_MEMBER_MARGIN)
+        # Paired by position, as gpt-neox's zip_longest pairs them: paths past the last label have none.
+        label = opener.open(label_paths[i], f"{split_name}_label_data_paths[{i}]") if i < len(label_paths) else None
         members.append(
             GPTDataset(
                 f"{split_name}_{i}",
@@ -197,7 +236,9 @@ def _blend(
                 seq_length,
                 seed,
                 cache_dir=cache_dir,
-                label_dataset=opener.label_for(path),
+                label_dataset=label,
+                pack_impl=options.pack_impl,
+                allow_chopped=options.allow_chopped,
             )
         )
     if len(members) == 1:

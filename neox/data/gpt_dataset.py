@@ -11,6 +11,10 @@ They are built once per (documents' sizes, seq_length, num_samples, seed) and ca
 Randomness comes from ``np.random.RandomState`` (a frozen stream), so every machine and numpy
 version builds the same order; asking for more samples only appends epochs and leaves the
 order of the earlier epochs unchanged.
+
+That is gpt-neox's ``pack_impl: packed`` (the default). ``pack_until_overflow`` and ``unpacked``
+build the same three arrays from whole documents (neox.data.packing); their samples are cut or
+padded to seq_length + 1 tokens, and padded positions carry label -100 (left out of the loss).
 """
 from __future__ import annotations
 
@@ -27,13 +31,18 @@ import torch
 from neox.data import index_cache
 from neox.data.errors import DataError
 from neox.data.indexed import IndexedDataset
+from neox.data.packing import PACK_IMPLS, build_document_samples, eligible_documents
 
 __all__ = ["GPTDataset", "IndexMappings", "build_index_mappings", "num_epochs_for"]
 
 # Bump when the index construction changes: old cache files then stop matching.
 _INDEX_FORMAT = "neox-gpt-index-v1"
 _ARRAY_NAMES = ("doc_idx", "sample_idx", "shuffle_idx")
+# Whole-document samples also record how many document passes they drew (not derivable from the arrays).
+_DOCUMENT_ARRAY_NAMES = _ARRAY_NAMES + ("epochs",)
 _MAX_SEED = 2**32 - 1
+PAD_TOKEN = 0  # gpt-neox pads text with 0 and labels with -100
+PAD_LABEL = -100
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,10 @@ class GPTDataset(torch.utils.data.Dataset):
     ``index_cache.default_cache_dir()``, and built into the first of those that is writable;
     ``build_lock`` serialises concurrent builders with an fcntl lock (turn it off only on file
     systems without locks, with a single building rank).
+
+    ``pack_impl``/``allow_chopped`` are gpt-neox's (see neox.data.packing); samples of the
+    whole-document modes always carry a ``label`` (the label dataset's, or the text), -100 on padding.
+    ``indexed`` and ``label_dataset`` may be either on-disk format (neox.data.formats).
     """
 
     def __init__(
@@ -135,6 +148,8 @@ class GPTDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike[str] | None = None,
         label_dataset: IndexedDataset | None = None,
         build_lock: bool = True,
+        pack_impl: str = "packed",
+        allow_chopped: bool = True,
     ) -> None:
         self.name = name
         self.indexed = indexed
@@ -143,10 +158,18 @@ class GPTDataset(torch.utils.data.Dataset):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         where = f"dataset {name!r} ({indexed.prefix})"
+        if pack_impl not in PACK_IMPLS:
+            raise DataError(f"{where}: pack_impl must be one of {list(PACK_IMPLS)}, got {pack_impl!r}")
+        self.pack_impl = pack_impl
+        self.allow_chopped = bool(allow_chopped)
         documents = np.asarray(documents, dtype=np.int64)
         self._validate(where, documents)
         doc_sizes = np.asarray(indexed.sizes)[documents]
         tokens = int(doc_sizes.sum(dtype=np.int64))
+        if pack_impl != "packed":
+            self.tokens_per_epoch = tokens
+            self._init_whole_documents(where, documents, doc_sizes, cache_dir, build_lock)
+            return
         if tokens < self.seq_length + 1:
             raise DataError(
                 f"{where} has {tokens} tokens in {len(documents)} documents, too few for one sample "
@@ -173,11 +196,54 @@ class GPTDataset(torch.utils.data.Dataset):
             self.build_seconds = time.perf_counter() - started
             return {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx, "shuffle_idx": maps.shuffle_idx}
 
+        self._names = _ARRAY_NAMES
         arrays, self.cache_dir = index_cache.load_or_build(
             stem, _ARRAY_NAMES, build, directories, use_lock=build_lock
         )
         self.cache_stem = stem
         self._set_arrays(arrays)
+
+    def _init_whole_documents(self, where: str, documents: np.ndarray, doc_sizes: np.ndarray,
+                              cache_dir: str | os.PathLike[str] | None, build_lock: bool) -> None:
+        """Indices of pack_until_overflow / unpacked samples (neox.data.packing), cached like packed ones."""
+        # Which documents may start a sample depends on the label contents: a rewritten label file is a new entry.
+        label_identity = None
+        if self.label_dataset is not None:
+            stat = Path(self.label_dataset.data_path).stat()
+            label_identity = (str(Path(self.label_dataset.prefix).resolve()), stat.st_size, stat.st_mtime_ns)
+        self.cache_key = _digest(
+            f"{_INDEX_FORMAT}-{self.pack_impl}", documents, doc_sizes.astype(np.int64), self.seq_length,
+            self.num_samples, self.seed, self.allow_chopped, label_identity,
+        )
+        stem = (
+            f"{Path(self.indexed.prefix).name}_{self.name}_indexmap_{self.num_samples}ns_{self.seq_length}sl_"
+            f"{self.seed}s_{self.pack_impl}pi{'_ac' if self.allow_chopped else ''}_{self.cache_key}"
+        )
+        directories = [Path(self.indexed.prefix).resolve().parent, index_cache.default_cache_dir()]
+        if cache_dir is not None:
+            directories.insert(0, Path(cache_dir))
+        self.build_seconds = None
+
+        def build() -> dict[str, np.ndarray]:
+            started = time.perf_counter()
+            eligible = eligible_documents(doc_sizes, documents, self.seq_length, self.allow_chopped,
+                                          self.label_dataset)
+            try:
+                doc_idx, sample_idx, shuffle_idx, epochs = build_document_samples(
+                    doc_sizes, documents, eligible, self.num_samples, self.seq_length, self.seed, self.pack_impl)
+            except DataError as err:
+                raise DataError(f"{where}, pack_impl {self.pack_impl}: {err}") from None
+            self.build_seconds = time.perf_counter() - started
+            return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx,
+                    "epochs": np.array([epochs], dtype=np.int64)}
+
+        self._names = _DOCUMENT_ARRAY_NAMES
+        arrays, self.cache_dir = index_cache.load_or_build(
+            stem, _DOCUMENT_ARRAY_NAMES, build, directories, use_lock=build_lock
+        )
+        self.cache_stem = stem
+        self._set_arrays(arrays)
+        self.num_epochs = int(arrays["epochs"][0])
 
     def _validate(self, where: str, documents: np.ndarray) -> None:
         if self.seq_length < 1:
@@ -216,13 +282,42 @@ class GPTDataset(torch.utils.data.Dataset):
         parts.append(source.get(int(self.doc_idx[doc_last]), 0, offset_last + 1))
         return np.concatenate(parts)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def _bounds(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
         length = len(self)
         if not -length <= index < length:
             raise IndexError(f"sample {index} out of range for dataset {self.name!r} of {length} samples")
         sample = int(self.shuffle_idx[index])
         first = (int(self.sample_idx[sample, 0]), int(self.sample_idx[sample, 1]))
         last = (int(self.sample_idx[sample + 1, 0]), int(self.sample_idx[sample + 1, 1]))
+        return first, last
+
+    def _capped_window(self, source: IndexedDataset, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
+        """The window of a whole-document sample, read no further than seq_length + 1 tokens (a chopped
+        document may be far longer)."""
+        room = self.seq_length + 1
+        parts = []
+        for position in range(first[0], last[0] + 1):
+            doc = int(self.doc_idx[position])
+            size = int(source.sizes[doc]) if position < last[0] else min(int(source.sizes[doc]), last[1] + 1)
+            take = min(size, room)
+            if take:
+                parts.append(source.get(doc, 0, take))
+                room -= take
+            if room == 0:
+                break
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def text_tokens(self, index: int) -> np.ndarray:
+        """The text of sample ``index`` without padding (what char_level_ppl counts)."""
+        first, last = self._bounds(index)
+        if self.pack_impl == "packed":
+            return self._window(self.indexed, first, last).astype(np.int64)
+        return self._capped_window(self.indexed, first, last).astype(np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        first, last = self._bounds(index)
+        if self.pack_impl != "packed":
+            return self._whole_document_item(first, last)
         text = self._window(self.indexed, first, last).astype(np.int64)
         if len(text) != self.seq_length + 1:
             raise RuntimeError(
@@ -233,6 +328,15 @@ class GPTDataset(torch.utils.data.Dataset):
         item = {"text": text}
         if self.label_dataset is not None:
             item["label"] = self._window(self.label_dataset, first, last).astype(np.int64)
+        return item
+
+    def _whole_document_item(self, first: tuple[int, int], last: tuple[int, int]) -> dict[str, np.ndarray]:
+        width = self.seq_length + 1
+        text = self._capped_window(self.indexed, first, last)
+        label = text if self.label_dataset is None else self._capped_window(self.label_dataset, first, last)
+        item = {"text": np.full(width, PAD_TOKEN, dtype=np.int64), "label": np.full(width, PAD_LABEL, dtype=np.int64)}
+        item["text"][: len(text)] = text
+        item["label"][: len(label)] = label
         return item
 
     # DataLoader workers started by spawn re-map the cached files instead of receiving copies.
@@ -247,12 +351,13 @@ class GPTDataset(torch.utils.data.Dataset):
         self._set_arrays(
             {
                 name: np.load(index_cache.array_path(self.cache_dir, self.cache_stem, name), mmap_mode="r")
-                for name in _ARRAY_NAMES
+                for name in self._names
             }
         )
 
     def __repr__(self) -> str:
+        packing = "" if self.pack_impl == "packed" else f", pack_impl={self.pack_impl}"
         return (
             f"GPTDataset({self.name!r}, {self.indexed.prefix}, samples={len(self)}, "
-            f"seq_length={self.seq_length}, seed={self.seed})"
+            f"seq_length={self.seq_length}, seed={self.seed}{packing})"
         )

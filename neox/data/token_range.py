@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from neox.data.errors import DataError
-from neox.data.indexed import IndexedDataset, IndexedDatasetError
+from neox.data.formats import AnyIndexed, open_indexed
+from neox.data.indexed import IndexedDataset
 
 if TYPE_CHECKING:
     from neox.config.data import DataConfig
@@ -21,7 +22,7 @@ SAMPLE_WINDOWS = 64
 WINDOW_TOKENS = 4096
 
 
-def sampled_token_range(dataset: IndexedDataset, windows: int = SAMPLE_WINDOWS,
+def sampled_token_range(dataset: AnyIndexed, windows: int = SAMPLE_WINDOWS,
                         window_tokens: int = WINDOW_TOKENS) -> tuple[int, int] | None:
     """(min, max) token id over `windows` evenly spaced windows of the .bin (all of it when small); None if empty."""
     if dataset.num_tokens == 0:
@@ -35,14 +36,12 @@ def sampled_token_range(dataset: IndexedDataset, windows: int = SAMPLE_WINDOWS,
     return int(sample.min()), int(sample.max())
 
 
-def check_token_ids(prefix: str | os.PathLike[str], vocab_size: int, *, key: str, tokenizer: str) -> None:
+def check_token_ids(prefix: str | os.PathLike[str], vocab_size: int, *, key: str, tokenizer: str,
+                    data_impl: str = "infer") -> None:
     """DataError naming the key, the .bin file and the tokenizer when sampled ids fall outside 0..vocab_size-1."""
-    try:
-        with IndexedDataset(prefix) as dataset:
-            found = sampled_token_range(dataset)
-            data_file = dataset.data_path
-    except IndexedDatasetError as err:
-        raise DataError(f"'{key}': {err}") from None
+    with open_indexed(prefix, data_impl, key=f"'{key}'") as dataset:
+        found = sampled_token_range(dataset)
+        data_file = dataset.data_path
     if found is None or (found[0] >= 0 and found[1] < vocab_size):
         return
     low, high = found
@@ -73,4 +72,4 @@ def check_run_token_ids(data: DataConfig, vocab_size: int) -> None:
     """check_token_ids for every token dataset of the data config (missing ones are left to the dataset builder)."""
     for key, prefix in token_dataset_prefixes(data):
         if IndexedDataset.exists(prefix):
-            check_token_ids(prefix, vocab_size, key=key, tokenizer=tokenizer_label(data))
+            check_token_ids(prefix, vocab_size, key=key, tokenizer=tokenizer_label(data), data_impl=data.data_impl)

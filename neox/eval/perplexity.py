@@ -14,6 +14,10 @@ exp(loss); loss-masked tokens (label datasets, eod_mask_loss) are left out as tr
 - Files (jsonl 'text' field, txt, parquet ...; neox/data/sources.py): documents are encoded, each followed by
   the end-of-document token (preprocess_data --append-eod), and concatenated in file order; the last window
   may be shorter.
+
+With `char_level_ppl`, each result also has gpt-neox's character-level perplexity exp(loss x tokens / characters),
+tokens and characters counted over the scored windows' text as gpt-neox's CharCounter counts evaluation samples
+(neox/data/char_count.py).
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from neox.config.neox_config import NeoXConfig
-from neox.data.build import build_train_valid_test
+from neox.data.build import DatasetOptions, build_train_valid_test
+from neox.data.char_count import char_level_ppl, count_tokens_and_chars
 from neox.data.errors import DataError
+from neox.data.formats import open_indexed
 from neox.data.gpt_dataset import GPTDataset
 from neox.data.indexed import IndexedDataset
 from neox.data.loader import collate_samples
@@ -49,6 +55,10 @@ class Perplexity:
     tokens: int
     loss: float
     perplexity: float
+    # char_level_ppl only: tokens and characters of the scored windows' text, and exp(loss x tokens / characters)
+    text_tokens: int | None = None
+    characters: int | None = None
+    char_level_perplexity: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,27 +77,42 @@ def nll_per_row(runner: Runner, batch: Batch) -> list[tuple[float, float]]:
     return [(float(n), float(c)) for n, c in zip((nll * mask).double().sum(1).tolist(), mask.double().sum(1).tolist())]
 
 
+Counter = Callable[[list[int]], tuple[int, int]]  # window indices -> (text tokens, characters)
+
+
 def _score_windows(
     runner: Runner, count: int, make_batch: Callable[[list[int]], Batch], batch_size: int,
-) -> tuple[float, float]:
-    """Sum over `count` windows (built by make_batch from window indices), divided over the dp ranks."""
+    count_text: Counter | None = None,
+) -> tuple[float, float, tuple[int, int] | None]:
+    """Sums over `count` windows (built by make_batch from window indices), divided over the dp ranks:
+    nll, counted tokens, and (with count_text) the windows' text tokens and characters."""
 
-    def work(indices: list[int]) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
+    def work(indices: list[int]) -> list[tuple[float, float, int, int]]:
+        out: list[tuple[float, float, int, int]] = []
         for start in range(0, len(indices), batch_size):
-            out += nll_per_row(runner, make_batch(indices[start : start + batch_size]))
+            chunk = indices[start : start + batch_size]
+            text = [count_text([i]) for i in chunk] if count_text is not None else [(0, 0)] * len(chunk)
+            out += [(n, c, t, ch) for (n, c), (t, ch) in zip(nll_per_row(runner, make_batch(chunk)), text)]
         return out
 
     per_window = run_sharded(list(range(count)), [1] * count, work,
                              dp_rank=runner.dp_rank, dp_size=runner.dp_size, group=runner.dp_group)
-    return math.fsum(n for n, _ in per_window), math.fsum(c for _, c in per_window)
+    text_counts = None
+    if count_text is not None:
+        text_counts = (sum(w[2] for w in per_window), sum(w[3] for w in per_window))
+    return math.fsum(w[0] for w in per_window), math.fsum(w[1] for w in per_window), text_counts
 
 
-def _result(source: str, path: str, windows: int, nll: float, tokens: float) -> Perplexity:
+def _result(source: str, path: str, windows: int, nll: float, tokens: float,
+            text_counts: tuple[int, int] | None = None) -> Perplexity:
     if tokens <= 0:
         raise EvalError(f"perplexity of {source} {path}: no token was counted (every label is masked)")
     loss = nll / tokens
-    return Perplexity(source, path, windows, int(tokens), loss, math.exp(loss))
+    if text_counts is None:
+        return Perplexity(source, path, windows, int(tokens), loss, math.exp(loss))
+    text_tokens, chars = text_counts
+    return Perplexity(source, path, windows, int(tokens), loss, math.exp(loss), text_tokens, chars,
+                      char_level_ppl(loss, text_tokens, chars))
 
 
 # --------------------------------------------------------------------------------------------- dataset splits
@@ -114,10 +139,11 @@ def split_datasets(cfg: NeoXConfig, seq_length: int, splits: Sequence[str]
                 datasets = build_train_valid_test(
                     data_path=prefix, train_data_paths=None, valid_data_paths=None, test_data_paths=None,
                     train_data_weights=None, valid_data_weights=None, test_data_weights=None, split=data.split,
-                    seq_length=seq_length, seed=cfg.train.seed, num_samples=wanted, cache_dir=data.data_cache_dir)
+                    seq_length=seq_length, seed=cfg.train.seed, num_samples=wanted, cache_dir=data.data_cache_dir,
+                    options=DatasetOptions(data_impl=data.data_impl))
                 dataset = datasets[1] if name == "valid" else datasets[2]
             else:
-                indexed = IndexedDataset(prefix)
+                indexed = open_indexed(prefix, data.data_impl, key=key)
                 dataset = GPTDataset(f"perplexity_{name}", indexed, np.arange(len(indexed.sizes), dtype=np.int64),
                                      1, seq_length, cfg.train.seed, cache_dir=data.data_cache_dir)
         except DataError as err:
@@ -128,7 +154,8 @@ def split_datasets(cfg: NeoXConfig, seq_length: int, splits: Sequence[str]
 
 
 def dataset_perplexity(runner: Runner, split: str, prefix: str, dataset: GPTDataset, *, eod: int,
-                       eod_mask_loss: bool, batch_size: int, limit: int | None = None) -> Perplexity:
+                       eod_mask_loss: bool, batch_size: int, limit: int | None = None,
+                       decode: Callable[[list[int]], str] | None = None) -> Perplexity:
     if dataset.num_epochs != 1:
         raise EvalError(f"perplexity: the {split} dataset of {prefix} spans {dataset.num_epochs} epochs, expected 1")
     seq = dataset.seq_length
@@ -144,8 +171,13 @@ def dataset_perplexity(runner: Runner, split: str, prefix: str, dataset: GPTData
         batch["loss_mask"] = batch["loss_mask"] * (label_index < epoch_tokens)
         return batch
 
-    nll, tokens = _score_windows(runner, count, make_batch, batch_size)
-    return _result(split, prefix, count, nll, tokens)
+    def count_text(indices: list[int]) -> tuple[int, int]:
+        # The window's text up to the end of the split's epoch (the tail past it is not scored).
+        rows = [dataset[int(positions[p])]["text"][: max(epoch_tokens - p * seq, 0)] for p in indices]
+        return count_tokens_and_chars(rows, decode)
+
+    nll, tokens, text = _score_windows(runner, count, make_batch, batch_size, count_text if decode else None)
+    return _result(split, prefix, count, nll, tokens, text)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -164,7 +196,7 @@ def file_stream(path: str | Path, tokenizer: Tokenizer) -> list[int]:
 
 
 def file_perplexity(runner: Runner, path: str | Path, tokenizer: Tokenizer, *, eod_mask_loss: bool,
-                    batch_size: int, limit: int | None = None) -> Perplexity:
+                    batch_size: int, limit: int | None = None, char_level: bool = False) -> Perplexity:
     stream = torch.tensor(file_stream(path, tokenizer), dtype=torch.long)
     seq = runner.max_length
     starts = list(range(0, len(stream) - 1, seq))
@@ -184,8 +216,12 @@ def file_perplexity(runner: Runner, path: str | Path, tokenizer: Tokenizer, *, e
             batch["loss_mask"][batch["tokens"] == tokenizer.eod] = 0.0
         return batch
 
-    nll, tokens = _score_windows(runner, count, make_batch, batch_size)
-    return _result("file", str(path), count, nll, tokens)
+    def count_text(indices: list[int]) -> tuple[int, int]:
+        return count_tokens_and_chars((stream[starts[i] : starts[i] + seq + 1].tolist() for i in indices),
+                                      tokenizer.decode)
+
+    nll, tokens, text = _score_windows(runner, count, make_batch, batch_size, count_text if char_level else None)
+    return _result("file", str(path), count, nll, tokens, text)
 
 
 def run_perplexity(runner: Runner, cfg: NeoXConfig, tokenizer: Tokenizer) -> tuple[list[Perplexity], list[str]]:
@@ -196,10 +232,12 @@ def run_perplexity(runner: Runner, cfg: NeoXConfig, tokenizer: Tokenizer) -> tup
     for split, prefix, dataset in datasets:
         results.append(dataset_perplexity(runner, split, prefix, dataset, eod=tokenizer.eod,
                                           eod_mask_loss=cfg.data.eod_mask_loss, batch_size=settings.eval_batch_size,
-                                          limit=settings.eval_limit))
+                                          limit=settings.eval_limit,
+                                          decode=tokenizer.decode if cfg.data.char_level_ppl else None))
     for path in settings.eval_perplexity_files or []:
         results.append(file_perplexity(runner, path, tokenizer, eod_mask_loss=cfg.data.eod_mask_loss,
-                                       batch_size=settings.eval_batch_size, limit=settings.eval_limit))
+                                       batch_size=settings.eval_batch_size, limit=settings.eval_limit,
+                                       char_level=cfg.data.char_level_ppl))
     if not results:
         why = f" ({'; '.join(notes)})" if notes else ""
         raise EvalError(

@@ -40,10 +40,15 @@ def write_results(path: Path, document: dict[str, Any]) -> Path:
 
 
 def perplexity_table(rows: Sequence[Perplexity]) -> str:
-    header = "|  source  | windows |  tokens  |  loss  | perplexity | data"
+    chars = any(r.char_level_perplexity is not None for r in rows)  # char_level_ppl adds a column
+    header = "|  source  | windows |  tokens  |  loss  | perplexity |" + (" char ppl |" if chars else "") + " data"
     lines = [header, "|" + "-" * (len(header) - 1)]
     for r in rows:
-        lines.append(f"| {r.source:<8} | {r.windows:>7} | {r.tokens:>8} | {r.loss:6.4f} | {r.perplexity:10.4f} | {r.path}")
+        char_cell = ""
+        if chars:
+            char_cell = f" {r.char_level_perplexity:8.4f} |" if r.char_level_perplexity is not None else " " * 9 + " |"
+        lines.append(f"| {r.source:<8} | {r.windows:>7} | {r.tokens:>8} | {r.loss:6.4f} | {r.perplexity:10.4f} |"
+                     f"{char_cell} {r.path}")
     return "\n".join(lines)
 
 

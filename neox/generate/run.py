@@ -223,7 +223,8 @@ def run(cfg: NeoXConfig, runtime: Runtime) -> list[Sample]:
 
     if cfg.train.load is None:
         raise GenerateError("generate needs 'load': the checkpoint directory to sample from (--load DIR)")
-    model, ckpt_cfg, tokenizer = load_model(cfg.train.load, device=runtime.device, dtype=model_dtype(cfg, runtime))
+    model, ckpt_cfg, tokenizer = load_model(cfg.train.load, cfg.train.iteration, device=runtime.device,
+                                             dtype=model_dtype(cfg, runtime))
     model.eval()
     layout = decoding_layout(model, cfg, runtime)
     maker = SampleMaker(model=layout.model, tokenizer=tokenizer, settings=cfg.generate, seed=cfg.train.seed,

@@ -63,6 +63,18 @@ def check_exportable(cfg: ModelConfig, arch: str) -> str:
         if not ok:
             raise ConfigError(f"'{key}: {getattr(cfg, key)}' cannot be exported to {arch}: {why}")
 
+    # gpt-neox options no exported class computes (apply_query_key_layer_scaling only reorders the arithmetic of
+    # rotary/learned attention, and the checkpointing and parallel-layout keys change no function: they pass).
+    need(all(kind in ("global", "flash") for kind in cfg.attention_types), "attention_config",
+         "Hugging Face attention is global; 'local' layers have no equivalent")
+    need(cfg.sliding_window_width is None, "sliding_window_width", "the exported classes attend to every earlier "
+         "token")
+    need(not cfg.use_qk_layernorm, "use_qk_layernorm", "the exported classes have no query/key norm")
+    need(cfg.num_unique_layers in (None, cfg.num_layers), "num_unique_layers",
+         "the exported classes give every layer its own weights")
+    need(not (cfg.gpt_j_residual and cfg.gpt_j_tied), "gpt_j_tied", "the exported classes have two norms per layer")
+    need(cfg.opt_pos_emb_offset == 0, "opt_pos_emb_offset", "the exported classes read position p from row p")
+
     if arch == "gpt_neox":
         need(cfg.pos_emb == "rotary", "pos_emb", "GPT-NeoX uses rotary positions")
         need(cfg.norm == "layernorm", "norm", "GPT-NeoX uses LayerNorm")

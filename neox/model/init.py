@@ -47,6 +47,9 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     hidden_init = init_fn(cfg.init_method, cfg)
     output_init = init_fn(cfg.output_layer_init_method, cfg)
     for name, module in model.named_modules():
+        if getattr(module, "keeps_own_init", False):
+            module.reset_parameters()  # its own gpt-neox init (the T5 table's xavier-normal, gains of 1)
+            continue
         weight = module._parameters.get("weight")
         if weight is None:
             continue

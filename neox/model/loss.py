@@ -58,3 +58,11 @@ class _TokenCrossEntropy(torch.autograd.Function):
             if not in_place:
                 grad[part] = probs
         return grad, None
+
+
+def half_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp16_lm_cross_entropy: -log softmax(logits)[label] per row computed in the logits' own dtype (gpt-neox's
+    fp16 path: max-shifted logits, exp, sum, log, all in half precision): logits [N, V], labels [N] -> [N]."""
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    target = shifted.gather(1, labels[:, None]).squeeze(1)
+    return shifted.exp().sum(dim=-1).log() - target

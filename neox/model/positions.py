@@ -1,9 +1,11 @@
-"""Position encodings that live inside attention: rotary tables and ALiBi slopes."""
+"""Position encodings: rotary tables, ALiBi slopes, T5 relative position bias, sinusoidal embeddings."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class RotaryTable:
@@ -60,3 +62,62 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     if power < num_heads:
         slopes += geometric(2 * power)[0::2][: num_heads - power]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def rotary_inv_freq(ndims: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """1 / base^(2i / ndims) for each rotary pair i, in fp32 (gpt-neox's RotaryEmbedding.inv_freq)."""
+    return 1.0 / (base ** (torch.arange(0, ndims, 2, dtype=torch.float32, device=device) / ndims))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ndims: int) -> torch.Tensor:
+    """x [b, heads, s, d] with its first ndims rotated ("rotate half", as neox.model.heads); cos/sin from
+    RotaryTable.lookup, [1|b, s, ndims // 2]."""
+    half = ndims // 2
+    c, s = cos[:, None], sin[:, None]
+    x1, x2 = x[..., :half], x[..., half:ndims]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x[..., ndims:]), dim=-1)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """gpt-neox's SinusoidalPositionalEmbedding: [sin(p f_0) .. sin(p f_{dim/2-1}), cos(p f_0) .. ] with
+    f_i = 10000^(-2i / dim), computed in fp32: positions [1|b, s] -> [1|b, s, dim]."""
+    inv_freq = rotary_inv_freq(dim, 10000.0, positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return torch.cat((angles.sin(), angles.cos()), dim=-1).to(dtype)
+
+
+def t5_relative_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Causal T5 buckets of key index - query index: distances 0 .. num_buckets/2 - 1 get their own bucket, longer
+    ones logarithmically spaced buckets up to max_distance, beyond it the last (future keys count as distance 0)."""
+    distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    spread = (torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+              * (num_buckets - exact)).long()
+    return torch.where(distance < exact, distance, (exact + spread).clamp(max=num_buckets - 1))
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias, gpt-neox's ParallelRelativePositionBias: a table [num_buckets, heads], initialised
+    xavier-normal, looked up per (query, key) bucket and scaled by sqrt(head_dim), added to the attention scores.
+    One module serves every layer (gpt-neox hands the same one to each)."""
+
+    keeps_own_init = True  # init_weights calls reset_parameters (xavier-normal, as gpt-neox), not its normal init
+
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.scale = math.sqrt(head_dim)
+        self.weight = nn.Parameter(torch.empty(num_buckets, num_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+
+    def head_table(self) -> torch.Tensor:
+        """[num_buckets, heads] of the heads this module serves (a tensor-parallel rank overrides it)."""
+        return self.weight
+
+    def forward(self, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+        """Cache indices of queries [q] and keys [k] -> bias [1, heads, q, k]."""
+        buckets = t5_relative_buckets(k_index[None, :] - q_index[:, None], self.num_buckets, self.max_distance)
+        return F.embedding(buckets, self.head_table()).permute(2, 0, 1)[None] * self.scale

@@ -14,6 +14,8 @@ import torch
 from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
 from neox.model import GPTNeoX
+from neox.model.mup import widths_by_param
+from neox.parallel.activation_checkpoint import install_activation_checkpointing, reset_after_forward_only
 from neox.parallel.materialize import is_meta, materialize
 from neox.parallel.parallelize import apply_tensor_parallel, install_grad_norm_clipper, lm_loss_fn
 from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
@@ -30,20 +32,25 @@ class ParallelTrainEngine:
         import deepspeed
 
         self.topo, self.device = topo, device
-        apply_tensor_parallel(model, topo)
+        self.model_cfg = cfg.model
+        apply_tensor_parallel(model, topo, row_parallel_head=cfg.model.row_parallel_head)
         if is_meta(model):
             # Built on the meta device: this rank's shards of the single-device initial values, one full
             # parameter at a time (the full model never exists here).
             materialize(model, topo)
         # Single-device names by parameter identity: the pipeline stages wrap these very parameters.
         self.param_names = {id(p): n for n, p in model.named_parameters()}
-        self.loss_fn = lm_loss_fn(topo, cfg.model.padded_vocab_size)
+        self.loss_fn = lm_loss_fn(topo, cfg.model.padded_vocab_size, cfg.model.row_parallel_head,
+                                  cfg.model.fp16_lm_cross_entropy)
+        checkpoint_func = install_activation_checkpointing(model, cfg.model, topo)
         module: torch.nn.Module = model
         if topo.use_pipeline:
             module = build_pipeline_module(model, topo, self.loss_fn, cfg.parallel.pipe_partition_method,
-                                           cfg.model.checkpoint_activations)
+                                           cfg.model.checkpoint_activations, cfg.model.checkpoint_num_layers,
+                                           checkpoint_func)
         optimizer = build_optimizer(module, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
-                                    cfg.optim.weight_decay, device.type)
+                                    cfg.optim.weight_decay, device.type, mup_widths=widths_by_param(model),
+                                    use_bnb_optimizer=cfg.optim.use_bnb_optimizer)
         # A PipelineModule carries its own grid (same topology); a plain module gets ours as DeepSpeed's mpu.
         mpu = None if topo.use_pipeline else topo.grid
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
@@ -87,4 +94,5 @@ class ParallelTrainEngine:
             return torch.stack([self.micro_loss(next(micro_batches)) for _ in range(iters * grad_accum)]).mean()
         batches = pipeline_batches(micro_batches)
         losses = [self.engine.eval_batch(batches, num_micro_batches=grad_accum) for _ in range(iters)]
+        reset_after_forward_only(self.model_cfg)  # DeepSpeed's pipeline checkpoints its eval forwards too
         return torch.stack([torch.as_tensor(l).float() for l in losses]).mean()

@@ -33,7 +33,7 @@ from neox.checkpoint.consolidated import CheckpointError, _expected_shapes, _loa
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved
 from neox.parallel.layout_state import MOMENTS, STATE_DIR, StageShard, write_layout_free_file
-from neox.parallel.sharding import ShardingError, merge_state_dicts, tp_split_dim
+from neox.parallel.sharding import ShardingError, config_overrides, merge_state_dicts, tp_split_dim
 from neox.train.optimizer import param_groups
 
 _TIED_PREFIX = "tied_modules.word_embeddings."
@@ -193,7 +193,7 @@ def _shapes_from_slice_mappings(layout: _Layout, pp_rank: int, tp_rank: int,
         for name in names:
             single = single_device_name(name, layout.cfg.model.num_layers) if layout.pipeline else name
             shape = list(full_shapes[single])
-            dim = tp_split_dim(single)
+            dim = tp_split_dim(single, config_overrides(layout.cfg.model))
             if dim is not None and layout.tp_size > 1:
                 shape[dim] //= layout.tp_size
             group[name] = torch.Size(shape)
@@ -351,30 +351,32 @@ def merged_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     try:
         for pp_rank in range(layout.pp_size):
             weights.update(merge_state_dicts([read_shard(ckpt_dir, pp_rank, t).weights
-                                              for t in range(layout.tp_size)]))
+                                              for t in range(layout.tp_size)], config_overrides(layout.cfg.model)))
     except ShardingError as err:
         raise LayoutRebuildError(f"{ckpt_dir}: {err}") from err
     return weights
 
 
-def client_state_of(ckpt_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The loop's client state (saved by DeepSpeed into the model states file next to its own keys)."""
+def client_state_of(ckpt_dir: Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The loop's client state (saved by DeepSpeed into the model states file next to its own keys); `optional`
+    keys are carried when the checkpoint has them (older checkpoints predate them)."""
     layout = _layout_of_checkpoint(ckpt_dir)
     path = _model_states_file(layout, 0)
     states = _load(path)
     missing = [k for k in keys if k not in states]
     if missing:
         raise LayoutRebuildError(f"{path} lacks the training loop's client state {missing}")
-    return {k: states[k] for k in keys}
+    return {k: states[k] for k in (*keys, *optional) if k in states}
 
 
-def rebuild_layout_free_state(ckpt_dir: Path, client_keys: tuple[str, ...], replace: bool = False) -> Path:
+def rebuild_layout_free_state(ckpt_dir: Path, client_keys: tuple[str, ...], replace: bool = False,
+                              optional_keys: tuple[str, ...] = ()) -> Path:
     """Write ckpt_dir/layout_free/ from DeepSpeed's files; built aside and renamed into place. Returns its path."""
     layout = _layout_of_checkpoint(ckpt_dir)
     target = ckpt_dir / STATE_DIR
     if target.exists() and not replace:
         raise LayoutRebuildError(f"{target} already exists; pass replace (--force) to rebuild it")
-    client_state = client_state_of(ckpt_dir, client_keys)
+    client_state = client_state_of(ckpt_dir, client_keys, optional_keys)
     build_root = ckpt_dir / f".{STATE_DIR}-build-{os.getpid()}"
     shutil.rmtree(build_root, ignore_errors=True)
     try:
@@ -382,7 +384,8 @@ def rebuild_layout_free_state(ckpt_dir: Path, client_keys: tuple[str, ...], repl
             for tp_rank in range(layout.tp_size):
                 shard = read_shard(ckpt_dir, pp_rank, tp_rank)
                 write_layout_free_file(build_root, StageShard(pp_rank, layout.pp_size, tp_rank, layout.tp_size),
-                                       shard.step, client_state, shard.weights, shard.moments)
+                                       shard.step, client_state, shard.weights, shard.moments,
+                                       split_dims=config_overrides(layout.cfg.model))
         if target.exists():
             shutil.rmtree(target)
         os.replace(build_root / STATE_DIR, target)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from neox.parallel.sharding import ShardingError, merge_state_dicts, shard_tensor
+from neox.parallel.sharding import ShardingError, merge_state_dicts, shard_tensor, split_overrides
 from neox.parallel.topology import Topology
 from neox.train.checkpoint import CheckpointError
 
@@ -92,19 +92,19 @@ def _unfused_masters(engine) -> dict[int, torch.Tensor]:
             for lp, master in zip(lp_group, master_group)}
 
 
-def _full_values(engine, param: torch.nn.Parameter,
-                 masters: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _full_values(engine, param: torch.nn.Parameter, masters: dict[int, torch.Tensor],
+                 with_moments: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(fp32 weight, {moment: value}) of one parameter, gathered over dp (collective over the dp group)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if not _wrapped(param):
         master = masters.get(id(param), param)
-        state = _torch_optimizer(engine).state.get(master, {})
+        state = _torch_optimizer(engine).state.get(master, {}) if with_moments else {}
         return master.detach().float().cpu().clone(), {k: state[k].detach().float().cpu().clone()
                                                         for k in MOMENTS if k in state}
     weight = safe_get_full_fp32_param(param)
     moments = {}
-    for key in MOMENTS:
+    for key in MOMENTS if with_moments else ():
         value = safe_get_full_optimizer_state(param, key)
         if value is not None:
             moments[key] = value.detach().float().cpu().clone()
@@ -112,8 +112,9 @@ def _full_values(engine, param: torch.nn.Parameter,
 
 
 def save_layout_free_state(ckpt_dir: Path, engine, param_names: dict[int, str], topo: Topology,
-                           client_state: dict[str, Any]) -> None:
-    """Collective: every rank calls it (ZeRO gathers over dp); dp rank 0 of each (stage, tp rank) writes."""
+                           client_state: dict[str, Any], with_moments: bool = True) -> None:
+    """Collective: every rank calls it (ZeRO gathers over dp); dp rank 0 of each (stage, tp rank) writes.
+    with_moments False (no_save_optim) writes the weights alone."""
     wrapper = _wrapper(engine)
     if wrapper is not None and hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO 1/2 and the bf16 optimizer link each parameter to its slice of the Adam state after the first step
@@ -125,13 +126,14 @@ def save_layout_free_state(ckpt_dir: Path, engine, param_names: dict[int, str], 
     masters = _unfused_masters(engine)
     for param in _owned(engine):
         name = param_names[id(param)]
-        weights[name], param_moments = _full_values(engine, param, masters)
+        weights[name], param_moments = _full_values(engine, param, masters, with_moments)
         for key, value in param_moments.items():
             moments[key][name] = value
     if topo.dp_rank != 0:
         return
     write_layout_free_file(ckpt_dir, StageShard(topo.pp_rank, topo.pp_size, topo.tp_rank, topo.tp_size),
-                           _optimizer_step(engine), client_state, weights, moments)
+                           _optimizer_step(engine), client_state, weights, moments,
+                           split_dims=split_overrides((param_names[id(p)], p) for p in _owned(engine)))
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,15 @@ class StageShard:
 
 
 def write_layout_free_file(ckpt_dir: Path, shard: StageShard, step: float, client_state: dict[str, Any],
-                           weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """One pp{S}-tp{T}.pt file: this shard's parameters in single-device names (tp-sharded as trained)."""
+                           weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]],
+                           split_dims: dict[str, int] | None = None) -> Path:
+    """One pp{S}-tp{T}.pt file: this shard's parameters in single-device names (tp-sharded as trained; split_dims:
+    the parameters split otherwise than the sharding plan's table, as neox/parallel/sharding.py describes)."""
     path = _file(ckpt_dir, shard.pp_rank, shard.tp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "tp_rank": shard.tp_rank, "tp_size": shard.tp_size, "pp_rank": shard.pp_rank,
                "pp_size": shard.pp_size, "step": float(step), "client_state": dict(client_state),
-               "weights": weights, "moments": moments}
+               "weights": weights, "moments": moments, "split_dims": dict(split_dims or {})}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -180,10 +184,11 @@ def read_layout_free_state(ckpt_dir: Path) -> FullState:
     try:
         for stage in range(pp_size):
             shards = [by_coord[(stage, t)] for t in range(tp_size)]
-            weights.update(merge_state_dicts([s["weights"] for s in shards]))
+            split_dims = shards[0].get("split_dims")
+            weights.update(merge_state_dicts([s["weights"] for s in shards], split_dims))
             for key in MOMENTS:
                 if shards[0]["moments"].get(key):
-                    moments[key].update(merge_state_dicts([s["moments"][key] for s in shards]))
+                    moments[key].update(merge_state_dicts([s["moments"][key] for s in shards], split_dims))
     except ShardingError as err:
         raise LayoutStateError(f"{ckpt_dir / STATE_DIR}: {err}") from err
     first = by_coord[(0, 0)]
@@ -260,6 +265,7 @@ def load_layout_free_state(engine, param_names: dict[int, str], topo: Topology, 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     params = list(engine.module.parameters())
+    overrides = split_overrides((param_names.get(id(p), "?"), p) for p in params)
     unknown = [param_names.get(id(p), "?") for p in params if param_names.get(id(p)) not in full.weights]
     if unknown:
         raise LayoutStateError(f"the checkpoint's layout-free state lacks {unknown[:5]}: it is of another model")
@@ -271,14 +277,15 @@ def load_layout_free_state(engine, param_names: dict[int, str], topo: Topology, 
         _fresh_wrapper_states(wrapper, full.step)
     for param in params:
         name = param_names[id(param)]
-        value = shard_tensor(name, full.weights[name], topo.tp_rank, topo.tp_size)
+        value = shard_tensor(name, full.weights[name], topo.tp_rank, topo.tp_size, overrides)
         shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 parameter's own tensor is emptied
         if tuple(value.shape) != shape:
             raise LayoutStateError(f"{name}: checkpoint shard {tuple(value.shape)} vs model {shape} "
                                    f"at tp rank {topo.tp_rank}/{topo.tp_size}")
         moments = {}
         if restore_moments and name in full.moments["exp_avg"]:
-            moments = {k: shard_tensor(name, full.moments[k][name], topo.tp_rank, topo.tp_size) for k in MOMENTS}
+            moments = {k: shard_tensor(name, full.moments[k][name], topo.tp_rank, topo.tp_size, overrides)
+                       for k in MOMENTS}
         if zero3:
             for key, tensor in ((None, value), *moments.items()):
                 _set_zero3_partition(wrapper, param, tensor, key)

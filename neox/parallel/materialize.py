@@ -19,8 +19,9 @@ from torch import nn
 from neox.config.model import ModelConfig
 from neox.model import GPTNeoX
 from neox.model.init import init_weights
+from neox.model.mup import MupSetup, mup_init_factors
 from neox.model.positions import alibi_slopes
-from neox.parallel.sharding import shard_tensor
+from neox.parallel.sharding import shard_tensor, split_overrides
 from neox.parallel.topology import Topology
 
 
@@ -28,11 +29,11 @@ class MaterializeError(RuntimeError):
     pass
 
 
-def meta_model(cfg: ModelConfig) -> GPTNeoX:
+def meta_model(cfg: ModelConfig, mup: MupSetup | None = None) -> GPTNeoX:
     """GPTNeoX's structure with every parameter on the meta device (no memory, no RNG draws); buffers that
     depend only on the config are real."""
     with torch.device("meta"):
-        model = GPTNeoX(cfg)
+        model = GPTNeoX(cfg, mup)
     for block in model.blocks:
         attn = block.attention
         if attn.alibi_slopes is not None:
@@ -65,10 +66,11 @@ def _own_params(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def initial_values(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full initial value) of every parameter of GPTNeoX(cfg), drawn as GPTNeoX(cfg) draws them; a tied
-    head is drawn (and yielded as head.weight) as the full build draws it before tying."""
-    skeleton = meta_model(cfg)
+def initial_values(cfg: ModelConfig, mup: MupSetup | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full initial value) of every parameter of GPTNeoX(cfg, mup), drawn as GPTNeoX(cfg, mup) draws them; a
+    tied head is drawn (and yielded as head.weight) as the full build draws it before tying."""
+    skeleton = meta_model(cfg, mup)
+    mup_factors = mup_init_factors(skeleton)  # muP scales the standard draws, as GPTNeoX's build does
     # Modules register in the order their constructors run, so named_modules() is the constructor order.
     modules = [(name, m) for name, m in skeleton.named_modules() if _own_params(m)]
     for _, module in modules:
@@ -79,7 +81,11 @@ def initial_values(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         init_weights(_Named(name, scratch), cfg)  # type: ignore[arg-type]
         for leaf, param in scratch._parameters.items():
             if param is not None:
-                yield f"{name}.{leaf}" if name else leaf, param.detach()
+                full_name = f"{name}.{leaf}" if name else leaf
+                value = param.detach()
+                if mup_factors.get(full_name, 1.0) != 1.0:
+                    value.mul_(mup_factors[full_name])
+                yield full_name, value
 
 
 def _fill(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -94,11 +100,12 @@ def materialize(model: GPTNeoX, topo: Topology) -> GPTNeoX:
     """In place: every meta parameter of a (tensor-parallelised) meta-built model gets this tp rank's shard of its
     single-device initial value. Consumes the global RNG exactly as GPTNeoX(model.cfg) would."""
     params = dict(model.named_parameters())  # a tied head is listed once, as the embedding
-    for name, full in initial_values(model.cfg):
+    overrides = split_overrides(params.items())  # a row-parallel head is split along its columns
+    for name, full in initial_values(model.cfg, model.mup):
         param = params.pop(name, None)
         if param is None:
             continue
-        value = shard_tensor(name, full, topo.tp_rank, topo.tp_size)
+        value = shard_tensor(name, full, topo.tp_rank, topo.tp_size, overrides)
         if value.shape != param.shape:
             raise MaterializeError(f"{name}: shard {tuple(value.shape)} of the initial value does not fit the "
                                    f"parallel model's {tuple(param.shape)} at tp rank {topo.tp_rank}/{topo.tp_size}")

@@ -1,13 +1,16 @@
 """Apply tensor parallelism to a single-device GPTNeoX, in one ordered place (the model file knows nothing of it).
 
 Order: check sizes divide -> swap column/row-parallel linears by module name -> make attention count local
-heads and draw its dropout masks per tp rank -> vocab-parallel embedding -> vocab-parallel head (tied to the
-embedding shard when weights are tied) -> mark tp-replicated parameters (norms, row-parallel biases) so the
-gradient norm counts them once. Works on a meta-device model too (neox/parallel/materialize.py fills it).
+heads, normalise q/k and read the T5 bias of those heads, and draw its dropout masks per tp rank -> vocab-parallel
+embedding -> vocab-parallel head (tied to the embedding shard when weights are tied), or for an untied head with
+output_layer_parallelism 'row' a head split over the hidden dim -> mark tp-replicated parameters (norms, row-parallel
+biases, qk norms, the T5 table) so the gradient norm counts them once. Layers shared by num_unique_layers are
+parallelised once. Works on a meta-device model too (neox/parallel/materialize.py fills it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -15,8 +18,9 @@ from torch import nn
 
 from neox.model import GPTNeoX, causal_lm_loss
 from neox.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
-from neox.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                  VocabParallelHead, mark_parallel, shard_rows, vocab_parallel_lm_loss)
+from neox.parallel.tensor import (ColumnParallelLinear, ParallelQKNorm, ParallelRelativePositionBias,
+                                  RowParallelHead, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+                                  mark_parallel, shard_rows, vocab_parallel_lm_loss)
 from neox.parallel.rng import use_tp_rank_dropout
 from neox.parallel.topology import Topology, check_model_divides
 
@@ -28,13 +32,16 @@ def _swap(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, new)
 
 
-def apply_tensor_parallel(model: GPTNeoX, topo: Topology) -> GPTNeoX:
-    """In place; returns the model. With tp 1 only the parameter marks are set."""
+def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: bool = False) -> GPTNeoX:
+    """In place; returns the model. With tp 1 only the parameter marks are set. row_parallel_head (training with
+    output_layer_parallelism 'row', untied head): the head's logits come out whole on every rank, not vocab-sharded
+    (decoders and evaluators, which gather vocab shards, keep the default)."""
     cfg = model.cfg
     tp, rank, group = topo.tp_size, topo.tp_rank, topo.tp_group
     check_model_divides(cfg, tp, topo.pp_size)
     if tp > 1:
-        for block in model.blocks:
+        relative_bias = None
+        for block in dict.fromkeys(model.blocks):  # a block shared by several layers is parallelised once
             for name, module in list(block.named_modules()):
                 if not isinstance(module, nn.Linear):
                     continue
@@ -47,30 +54,42 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology) -> GPTNeoX:
             attn.kv_heads //= tp
             if attn.alibi_slopes is not None:
                 attn.alibi_slopes = attn.alibi_slopes.chunk(tp)[rank].clone()
+            if attn.qk_norm is not None:
+                attn.qk_norm = ParallelQKNorm(attn.qk_norm, group, rank, tp)
+            if attn._relative_bias[0] is not None:
+                # One table for the model: every layer reads the same parallel view of it.
+                relative_bias = relative_bias or ParallelRelativePositionBias(attn._relative_bias[0], group, rank, tp)
+                attn._relative_bias = (relative_bias,)
+                if hasattr(attn, "rpe"):
+                    attn.rpe = relative_bias
             # Each rank holds other heads: one shared stream would give them the same attention-dropout masks.
             use_tp_rank_dropout(attn, rank, tp)
         tied = model.head.weight is model.embedding.word_embeddings.weight
         embedding = VocabParallelEmbedding(model.embedding.word_embeddings, group, rank, tp)
         model.embedding.word_embeddings = embedding
         if tied:
-            head_weight = embedding.weight
+            model.head = VocabParallelHead(embedding.weight, group, embedding.vocab_start)
+        elif row_parallel_head:
+            model.head = RowParallelHead(model.head.weight, group, rank, tp)
         else:
             head_weight = mark_parallel(nn.Parameter(shard_rows(model.head.weight.data, rank, tp)), True, rank)
-        model.head = VocabParallelHead(head_weight, group, embedding.vocab_start)
+            model.head = VocabParallelHead(head_weight, group, embedding.vocab_start)
     for param in model.parameters():
         if not hasattr(param, "neox_tp_sharded"):
             mark_parallel(param, False, rank)
     return model
 
 
-def lm_loss_fn(topo: Topology, padded_vocab_size: int) -> LossFn:
-    """The loss for this layout's logits: plain cross entropy, or vocab-parallel when the logits are sharded."""
-    if topo.tp_size == 1:
-        return causal_lm_loss
+def lm_loss_fn(topo: Topology, padded_vocab_size: int, row_parallel_head: bool = False,
+               half_precision: bool = False) -> LossFn:
+    """The loss for this layout's logits: plain cross entropy, or vocab-parallel when the logits are sharded (not
+    with a row-parallel head, whose logits are whole). half_precision: fp16_lm_cross_entropy."""
+    if topo.tp_size == 1 or row_parallel_head:
+        return partial(causal_lm_loss, half_precision=half_precision)
     vocab_start = topo.tp_rank * (padded_vocab_size // topo.tp_size)
 
     def loss(local_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-        return vocab_parallel_lm_loss(local_logits, labels, loss_mask, vocab_start, topo.tp_group)
+        return vocab_parallel_lm_loss(local_logits, labels, loss_mask, vocab_start, topo.tp_group, half_precision)
 
     return loss
 
@@ -81,23 +100,25 @@ class GradNormClipper:
 
     Measured after DeepSpeed has all-reduced gradients over dp (and tied weights over stages). A parameter counts
     on this rank when it is a tp shard or this is tp rank 0, and not when it is a pipeline-replicated copy of a
-    tied weight; the squares are summed over the model-parallel (pp x tp) group. Same formula as DeepSpeed
-    (clip coefficient max_norm / (norm + 1e-6), capped at 1), so a single process gets identical numbers.
+    tied weight; the squares are summed over the model-parallel (pp x tp) group. topo None: this rank holds the
+    whole model (the data-parallel-only engine). Clip coefficient max_norm / (norm + 1e-6), capped at 1, as
+    DeepSpeed's; the squares accumulate in fp64 (squared_norm), as DeepSpeed's ZeRO norms do.
     """
-    topo: Topology
+    topo: Topology | None
     max_norm: float
     last_norm: float | None = None
     _norm: torch.Tensor | None = None
 
     def norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+        squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
         for p in params:
             if p.grad is None or getattr(p, "ds_pipe_replicated", False):
                 continue
-            if getattr(p, "neox_tp_sharded", False) or self.topo.tp_rank == 0:
-                squares = squares + p.grad.detach().float().norm() ** 2
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.topo.model_group) > 1:
-            torch.distributed.all_reduce(squares, group=self.topo.model_group)
+            if self.topo is None or getattr(p, "neox_tp_sharded", False) or self.topo.tp_rank == 0:
+                squares = squares + squared_norm(p.grad)
+        group = None if self.topo is None else self.topo.model_group
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(squares, group=group)
         return squares.sqrt()
 
     def measure(self, module: nn.Module) -> None:
@@ -114,10 +135,17 @@ class GradNormClipper:
         self._norm = None
 
 
-def install_grad_norm_clipper(engine, topo: Topology, max_norm: float) -> GradNormClipper:
+def squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """sum(grad**2) as an fp64 scalar. Not grad.float().norm()**2: torch's CPU norm kernel sums a float32 tensor in
+    one float32 accumulator per lane, 1e-3 relative off on a GPT-2-sized embedding gradient (3.2M entries) and by
+    a size-dependent amount, so a tp shard's error differs from the whole tensor's (pytorch/pytorch#169237)."""
+    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float64) ** 2
+
+
+def install_grad_norm_clipper(engine, topo: Topology | None, max_norm: float) -> GradNormClipper:
     """Measure the global norm before every optimizer step (the loop logs it, clipping on or off) and replace the
-    engine's fp32 ZeRO-0 clipping, which counts a pipeline's tied embedding once per stage holding it, with
-    GradNormClipper's (the engine calls it only when gradient_clipping > 0)."""
+    engine's fp32 ZeRO-0 clipping, which counts a pipeline's tied embedding once per stage holding it and sums
+    float32 norms, with GradNormClipper's (the engine calls it only when gradient_clipping > 0)."""
     clipper = GradNormClipper(topo, max_norm)
     take_model_step = engine._take_model_step
 

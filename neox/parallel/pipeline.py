@@ -9,7 +9,7 @@ tied gradient over them and marks the non-first copy `ds_pipe_replicated` (count
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +88,12 @@ def _checkpoint_without_reentry(function, *args):
 
 
 def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, partition_method: str,
-                          checkpoint_activations: bool):
-    """Collective. `model` must already be tensor-parallelised (apply_tensor_parallel)."""
+                          checkpoint_activations: bool, checkpoint_num_layers: int = 1,
+                          checkpoint_func: Callable | None = None):
+    """Collective. `model` must already be tensor-parallelised (apply_tensor_parallel). With checkpoint_activations,
+    runs of checkpoint_num_layers layers of a stage are recomputed together by checkpoint_func (DeepSpeed's, from
+    neox/parallel/activation_checkpoint.py, or None for torch's); a run holding a non-transformer layer (the
+    embedding, the final norm, the head) is not recomputed, as DeepSpeed decides."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     tied = model.head.weight is model.embedding.word_embeddings.weight
@@ -106,8 +110,8 @@ def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, parti
         specs.append(LayerSpec(HeadPipe, model.head))
     return PipelineModule(layers=specs, topology=topo.ds_topology, loss_fn=PipeLoss(lm_loss),
                           partition_method=partition_method,
-                          activation_checkpoint_interval=1 if checkpoint_activations else 0,
-                          activation_checkpoint_func=_checkpoint_without_reentry,
+                          activation_checkpoint_interval=checkpoint_num_layers if checkpoint_activations else 0,
+                          activation_checkpoint_func=checkpoint_func or _checkpoint_without_reentry,
                           checkpointable_layers=["TransformerLayerPipe"])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,11 @@ def init_runtime(backend: str | None = None, timeout_minutes: float = 10.0) -> R
     else:
         _quiet_cpu_deepspeed()
         device = torch.device("cpu")
+    if backend == "nccl" and not cuda:
+        # gpt-neox configs say nccl (its default); without CUDA the same job runs on gloo.
+        if os.environ.get("RANK", "0") == "0":
+            print("distributed_backend nccl needs CUDA; this machine has none: using gloo", file=sys.stderr, flush=True)
+        backend = "gloo"
     backend = backend or ("nccl" if cuda else "gloo")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # Groups made later (DeepSpeed's data/model/pipe groups, the topology's) call new_group without a timeout and

@@ -6,8 +6,14 @@ have their parameter's shape and are sharded by the parameter's name with the sa
 
 Splits are contiguous. For query_key_value that is a split on kv-group boundaries, because the fused layout
 is [group 0: q.., k, v | group 1: ...] (neox/model/model.py) and tp divides num_kv_heads.
+
+One layout choice overrides the table: an untied head trained with output_layer_parallelism 'row' is split along
+its hidden columns (dim 1). Its parameter carries `neox_tp_split_dim` (neox/parallel/tensor.py:mark_parallel); the
+functions below take such overrides as {name: dim}, and layout-free checkpoint files record them.
 """
 from __future__ import annotations
+
+from typing import Iterable, Mapping
 
 import torch
 
@@ -30,8 +36,23 @@ def _matches(module: str, names: tuple[str, ...]) -> bool:
     return any(module == n or module.endswith("." + n) for n in names)
 
 
-def tp_split_dim(param_name: str) -> int | None:
+Overrides = Mapping[str, "int | None"]
+
+
+def split_overrides(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, int]:
+    """{name: dim} of the parameters split otherwise than the table says (marked neox_tp_split_dim)."""
+    return {name: p.neox_tp_split_dim for name, p in named_params if hasattr(p, "neox_tp_split_dim")}
+
+
+def config_overrides(model_cfg) -> dict[str, int]:
+    """The overrides a training run with this ModelConfig makes (for readers that have only the config)."""
+    return {"head.weight": 1} if model_cfg.row_parallel_head else {}
+
+
+def tp_split_dim(param_name: str, overrides: Overrides | None = None) -> int | None:
     """0 (rows split), 1 (columns split) or None (replicated on every tp rank)."""
+    if overrides and param_name in overrides:
+        return overrides[param_name]
     module, leaf = _module_of(param_name)
     if _matches(module, COLUMN_PARALLEL) or _matches(module, VOCAB_PARALLEL):
         return 0
@@ -40,8 +61,9 @@ def tp_split_dim(param_name: str) -> int | None:
     return None
 
 
-def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    dim = tp_split_dim(name)
+def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int,
+                 overrides: Overrides | None = None) -> torch.Tensor:
+    dim = tp_split_dim(name, overrides)
     if dim is None or tp_size == 1:
         return full.clone()
     if full.shape[dim] % tp_size:
@@ -50,14 +72,16 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> t
     return full.chunk(tp_size, dim=dim)[tp_rank].clone()
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                     overrides: Overrides | None = None) -> dict[str, torch.Tensor]:
     """This tp rank's slice of a single-device (GPTNeoX-named) state dict."""
     if not 0 <= tp_rank < tp_size:
         raise ShardingError(f"tp_rank {tp_rank} is outside 0..{tp_size - 1}")
-    return {name: shard_tensor(name, t, tp_rank, tp_size) for name, t in full.items()}
+    return {name: shard_tensor(name, t, tp_rank, tp_size, overrides) for name, t in full.items()}
 
 
-def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]],
+                      overrides: Overrides | None = None) -> dict[str, torch.Tensor]:
     """Inverse of shard_state_dict: shards ordered by tp rank -> the single-device state dict.
     Replicated tensors must agree across ranks (they get identical, all-reduced gradients); a mismatch means the
     shards do not come from one model replica."""
@@ -71,7 +95,7 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     merged = {}
     for name in names:
         parts = [s[name] for s in shards]
-        dim = tp_split_dim(name)
+        dim = tp_split_dim(name, overrides)
         if dim is None or len(parts) == 1:
             for rank, part in enumerate(parts[1:], start=1):
                 if part.shape != parts[0].shape or not torch.allclose(part, parts[0], rtol=1e-5, atol=1e-7):

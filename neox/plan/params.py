@@ -2,7 +2,8 @@
 
 Counted from the config, never by building the model, so a 20B plan costs nothing. The layer sequence is the
 pipeline's (neox/parallel/pipeline.py): embedding, the blocks, final norm, head; a tied head is a second copy of
-the embedding table on the last stage. Stages are cut by DeepSpeed's own functions, with
+the embedding table on the last stage. Per-head tables (qk norms, the T5 bias owned by the first block) are whole on
+every tp rank; a layer sharing an earlier layer's parameters (num_unique_layers) counts none of its own. Stages are cut by DeepSpeed's own functions, with
 the weights its PipelineModule gives them: 'parameters' a layer's parameter count, 'type:REGEX' 1 for a layer whose
 class name matches and 0 otherwise (partition_balanced); 'uniform' the layer count (partition_uniform).
 """
@@ -59,12 +60,23 @@ class ModelParams:
         return max(self.stages, key=lambda stage: stage.params)
 
 
+def norm_params(m: ModelConfig, width: int) -> int:
+    """Parameters of one norm of the configured type over `width` values (neox/model/norms.py)."""
+    if m.norm == "scalenorm":
+        return 1  # one gain
+    if m.norm == "non_parametric_layernorm":
+        return 0
+    return width * (1 + int(m.use_bias_in_norms))
+
+
 def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
     """(parameters of one transformer block, of its shard on one tensor-parallel rank)."""
     h, inner = m.hidden_size, m.mlp_inner_size
     qkv_rows = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
     attn_bias, mlp_bias = int(m.use_bias_in_attn_linear), int(m.use_bias_in_mlp)
-    norms = 2 * h * (1 + int(m.use_bias_in_norms))
+    norms = (1 if m.gpt_j_residual and m.gpt_j_tied else 2) * norm_params(m, h)
+    if m.use_qk_layernorm:
+        norms += norm_params(m, m.num_attention_heads * m.head_dim)  # one norm shared by q and k, whole per rank
     mlp_in = (2 if m.gated_mlp else 1) * inner
     # Column-parallel (qkv, linear1, gate): weight and bias split. Row-parallel (dense, linear2): weight split,
     # bias replicated. Norms replicated.
@@ -81,9 +93,15 @@ def model_layers(m: ModelConfig, tp: int) -> list[LayerParams]:
     table = vocab * h
     positions = m.max_positions * h if m.pos_emb == "learned" else 0  # replicated over tp
     full_block, tp_block = block_params(m, tp)
-    norm = h * (1 + int(m.use_bias_in_norms))
+    norm = norm_params(m, h)
     layers = [LayerParams(EMBEDDING_LAYER, table + positions, table // tp + positions)]
-    layers += [LayerParams(BLOCK_LAYER, full_block, tp_block) for _ in range(m.num_layers)]
+    # A layer sharing the parameters of an earlier one (num_unique_layers) holds none of its own.
+    layers += [LayerParams(BLOCK_LAYER, full_block, tp_block) if owner == layer else LayerParams(BLOCK_LAYER, 0, 0)
+               for layer, owner in enumerate(m.layer_owners)]
+    if m.pos_emb == "rpe":  # the T5 table [buckets, heads], held whole on every tp rank by the first layer
+        rpe = m.rpe_num_buckets * m.num_attention_heads
+        first = layers[1]
+        layers[1] = LayerParams(BLOCK_LAYER, first.full + rpe, first.per_tp_rank + rpe)
     layers.append(LayerParams(NORM_LAYER, norm, norm))
     # A tied head is the embedding table again (a TiedLayerSpec of the embedding in the pipeline).
     layers.append(LayerParams(EMBEDDING_LAYER if not m.no_weight_tying else HEAD_LAYER, table, table // tp))

@@ -68,6 +68,9 @@ def build_plan(cfg: NeoXConfig, options: PlanOptions) -> Plan:
         raise ConfigError("the plan needs the vocabulary size: point 'vocab_file' (and 'merge_file') at the "
                           "run's tokenizer, e.g. --vocab_file data/tokenizers/neox-20b/tokenizer.json, or set "
                           "'padded_vocab_size'")
+    if cfg.train.train_micro_batch_size_per_gpu is None:
+        raise ConfigError("the plan is of a training run and needs its batch: set 'train_micro_batch_size_per_gpu' "
+                          "(or 'train_batch_size')")
     par, derived = cfg.parallel, cfg.derived
     tp, pp, dp = par.model_parallel_size, par.pipe_stages, derived.data_parallel_size
     params = model_params(cfg.model, tp, pp if par.pipe_parallel_size >= 1 else 1, par.pipe_partition_method)

@@ -5,11 +5,16 @@ Layout of one checkpoint:
     {save}/global_step{N}/rng/rank{R}.pt   every rank's RNG streams (dropout resumes exactly)
     {save}/global_step{N}/config.yml       the resolved config the run was launched with
     {save}/global_step{N}/tokenizer/       the tokenizer files
+    {save}/global_step{N}/configs/         the original YAML files (config_files), as gpt-neox keeps them
     {save}/global_step{N}/complete.json    written last: a directory without it was cut off mid-write
     {save}/latest                          tag of the newest complete checkpoint, replaced atomically
 
 DeepSpeed writes `latest` itself with a plain open/write before all ranks are done; we turn that off and write it
 only after the completion marker, so a checkpoint interrupted at any moment is never the one that gets loaded.
+
+no_save_optim leaves DeepSpeed's files out (its optimizer state lives in them at every ZeRO stage, and at ZeRO-3 or
+in 16-bit the fp32 weights too): the checkpoint is then the fp32 weights of write_extra's layout-free copy, and
+complete.json says `"engine_state": false`. no_save_rng leaves rng/ out.
 """
 from __future__ import annotations
 
@@ -121,20 +126,26 @@ class RunFiles:
 
 def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], run_files: RunFiles,
          rank: int, barrier: Callable[[], None], keep_last: int | None = None,
-         write_extra: Callable[[Path], None] | None = None) -> Path:
+         write_extra: Callable[[Path], None] | None = None, *, engine_state: bool = True, save_rng: bool = True,
+         config_files: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. write_extra(ckpt_dir), called on
-    every rank after the engine state, adds files that must exist before the checkpoint counts as complete."""
+    every rank after the engine state, adds files that must exist before the checkpoint counts as complete.
+    engine_state False (no_save_optim) skips DeepSpeed's files, save_rng False the RNG files; config_files
+    (name -> text) go to configs/."""
     tag = tag_for(iteration)
     ckpt_dir = save_dir / tag
     if rank == 0 and ckpt_dir.exists():
         # A leftover from an interrupted save of this same step: never mix its files with the new ones.
         remove_checkpoint(ckpt_dir)
     barrier()
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
-    (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
-    rng_file = ckpt_dir / "rng" / f"rank{rank}.pt"
-    torch.save(rng_state(), rng_file.with_suffix(".tmp"))
-    os.replace(rng_file.with_suffix(".tmp"), rng_file)
+    if engine_state:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if save_rng:
+        (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
+        rng_file = ckpt_dir / "rng" / f"rank{rank}.pt"
+        torch.save(rng_state(), rng_file.with_suffix(".tmp"))
+        os.replace(rng_file.with_suffix(".tmp"), rng_file)
     if write_extra is not None:
         write_extra(ckpt_dir)
     barrier()
@@ -144,16 +155,47 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
         tok_dir.mkdir(exist_ok=True)
         for f in run_files.tokenizer_files:
             shutil.copy2(f, tok_dir / Path(f).name)
+        write_config_files(ckpt_dir, config_files)
         # The marker must not reach the disk before the files it vouches for (power loss, not only kill -9).
         fsync_tree(ckpt_dir)
         write_text_atomic(ckpt_dir / COMPLETE_MARKER,
-                          json.dumps({"iteration": iteration, "time": time.time()}) + "\n")
+                          json.dumps({"iteration": iteration, "time": time.time(), "engine_state": engine_state,
+                                      "rng": save_rng}) + "\n")
         write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
         if keep_last:
             for old in complete_tags(save_dir)[:-keep_last]:
                 remove_checkpoint(save_dir / old)
     barrier()
     return ckpt_dir
+
+
+def write_config_files(ckpt_dir: Path, config_files: dict[str, Any] | None) -> None:
+    """gpt-neox's configs/ folder: each original config file under its own name (non-text values as JSON)."""
+    if not config_files:
+        return
+    folder = ckpt_dir / "configs"
+    folder.mkdir(exist_ok=True)
+    for name, content in config_files.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (folder / Path(name).name).write_text(text, encoding="utf-8")
+
+
+def completion_record(ckpt_dir: Path) -> dict[str, Any]:
+    """complete.json of a checkpoint ({} if absent or unreadable)."""
+    try:
+        record = json.loads((ckpt_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def has_engine_state(ckpt_dir: Path) -> bool:
+    """False for a checkpoint saved with no_save_optim (weights in layout_free/ only)."""
+    return bool(completion_record(ckpt_dir).get("engine_state", True))
+
+
+def rng_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / "rng" / f"rank{rank}.pt"
 
 
 def fsync_tree(root: Path) -> None:
@@ -179,19 +221,22 @@ def remove_checkpoint(ckpt_dir: Path) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def load(engine, load_dir: Path, tag: str, rank: int, finetune: bool) -> dict[str, Any]:
+def load(engine, load_dir: Path, tag: str, rank: int, finetune: bool, *, load_optimizer: bool = True,
+         load_rng: bool = True) -> dict[str, Any]:
     """Collective. Full resume restores engine, optimizer and RNG and returns the client state;
-    finetune loads the module weights only and returns {}."""
+    finetune loads the module weights only and returns {}; load_optimizer False (no_load_optim) loads the module
+    weights and returns the client state; load_rng False (no_load_rng) leaves the RNG streams alone."""
+    module_only = finetune or not load_optimizer
     load_path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
-        load_lr_scheduler_states=not finetune)
+        str(load_dir), tag=tag, load_module_only=module_only, load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
     if finetune:
         return {}
-    rng_file = load_dir / tag / "rng" / f"rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    saved_rng = rng_file(load_dir / tag, rank)
+    if load_rng and saved_rng.is_file():
+        set_rng_state(torch.load(saved_rng, weights_only=True))
     return client_state or {}
 
 

@@ -12,6 +12,9 @@ import torch
 from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
 from neox.model import causal_lm_loss
+from neox.model.mup import widths_by_param
+from neox.parallel.activation_checkpoint import install_activation_checkpointing
+from neox.parallel.parallelize import install_grad_norm_clipper
 from neox.train.optimizer import build_optimizer, set_lr
 
 
@@ -22,8 +25,11 @@ class TrainEngine:
         import deepspeed
 
         optimizer = build_optimizer(model, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
-                                    cfg.optim.weight_decay, device.type)
+                                    cfg.optim.weight_decay, device.type, mup_widths=widths_by_param(model),
+                                    use_bnb_optimizer=cfg.optim.use_bnb_optimizer)
         self.device = device
+        self.half_precision_loss = cfg.model.fp16_lm_cross_entropy
+        install_activation_checkpointing(model, cfg.model, None)  # gpt-neox's DeepSpeed checkpointing keys
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg), dist_init_required=False)
         stage = self.engine.zero_optimization_stage()
@@ -33,34 +39,29 @@ class TrainEngine:
             # on 2 CPU cores) for a sum over one rank. Numerically a no-op, so skip it.
             self.engine.enable_backward_allreduce = False
         # DeepSpeed reports the global gradient norm only from its ZeRO / fp16 / bf16 optimizers; with a plain
-        # fp32 torch optimizer (ZeRO 0) it clips without keeping the norm, so the step measures it itself.
-        self.measure_grad_norm = stage == 0 and cfg.optim.precision == "fp32"
+        # fp32 torch optimizer (ZeRO 0) it clips without keeping the norm, by a float32 sum: the clipper measures
+        # the norm (fp64 sum, the same as a tp or pp layout's) and clips with that very number.
+        self.clipper = None
+        if stage == 0 and cfg.optim.precision == "fp32":
+            self.clipper = install_grad_norm_clipper(self.engine, None, cfg.optim.gradient_clipping)
 
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.device
         logits = self.engine(batch["tokens"].to(device), position_ids=batch["position_ids"].to(device))
-        return causal_lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device))
+        return causal_lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device),
+                              self.half_precision_loss)
 
     def step(self, micro_batches: Iterator[dict[str, torch.Tensor]], grad_accum: int,
              lr: float) -> tuple[torch.Tensor, float | None]:
         """One optimizer step over grad_accum micro-batches: (this rank's mean loss, global gradient norm)."""
         set_lr(self.engine.optimizer, lr)
         losses = []
-        own_grad_norm = None
-        for micro in range(grad_accum):
+        for _ in range(grad_accum):
             loss = self.micro_loss(next(micro_batches))
             self.engine.backward(loss)
-            if micro == grad_accum - 1 and self.measure_grad_norm:
-                own_grad_norm = grad_norm(self.engine.module)
             self.engine.step()
             losses.append(loss.detach())
         norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            norm = own_grad_norm
+        if norm is None and self.clipper is not None:
+            norm = self.clipper.last_norm
         return torch.stack(losses).mean().float(), (None if norm is None else float(norm))
-
-
-def grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients, read after the boundary backward (ZeRO 0 has all-reduced them by then)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

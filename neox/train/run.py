@@ -5,6 +5,7 @@ Data flows one way: resolved config -> runtime -> tokenizer -> datasets -> model
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import sys
@@ -16,13 +17,16 @@ import torch
 
 from neox.config.resolved import load_resolved
 from neox.entrypoint import RankProgram, run_rank_program
+from neox.config.curriculum import curriculum_enabled
 from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
 from neox.data.errors import DataError
-from neox.data.build import build_train_valid_test, split_num_samples
-from neox.data.loader import build_loader, eval_consumed_samples
+from neox.data.build import datasets_from_config, is_index_builder, split_num_samples
+from neox.data.char_count import char_level_ppl, eval_text_counts
+from neox.data.loader import MicroBatchSampler, build_loader, eval_consumed_samples
 from neox.data.token_range import check_run_token_ids
 from neox.model import GPTNeoX
+from neox.model.base_shapes import mup_setup
 from neox.parallel.engine import ParallelTrainEngine, is_model_parallel
 from neox.parallel import layout_state
 from neox.parallel.materialize import meta_model
@@ -31,21 +35,29 @@ from neox.parallel.rng import dropout_seed
 from neox.parallel.topology import build_topology
 from neox.tokenizer import TokenizerError, build_tokenizer
 from neox.checkpoint.consolidated import is_consolidated, read_consolidated
-from neox.train import checkpoint
+from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, open_gpt_neox_checkpoint
+from neox.checkpoint import s3_upload, vocab_padding
+from neox.train import checkpoint, epochs, forward_check
+from neox.train.curriculum import SeqlenWarmup
 from neox.train.flops import matmul_params, measure_peak_flops, train_flops_per_token
-from neox.train.metrics import MetricsSinks, build_sinks
+from neox.train.metrics import MetricsSinks, flat_run_config, shared_wandb_group, sinks_for_run
+from neox.train.diagnostics import build_diagnostics
+from neox.train.profiling import build_step_profiler
 from neox.train.engine import TrainEngine
-from neox.train import faults, rank_log
+from neox.train import faults, mup_modes, rank_log
 from neox.train.optimizer import OptimizerError
 from neox.train.preemption import StopRequests, stop_request_path
 from neox.train.rank_log import RankLog
-from neox.train.schedule import LRSchedule, warmup_iters_from_fraction
+from neox.train.save_schedule import schedule_from_config
+from neox.train.schedule import (LRSchedule, ScheduleMismatch, decay_iters_for, resume_schedule,
+                                 warmup_iters_from_fraction)
 
 # Model keys that change the parameter set; a checkpoint that differs in any of them cannot be loaded.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
                      "norm", "gpt_j_residual", "activation", "intermediate_size", "expansion_factor",
                      "mlp_multiple_of", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp",
-                     "no_weight_tying", "padded_vocab_size", "max_position_embeddings")
+                     "no_weight_tying", "padded_vocab_size", "max_position_embeddings", "use_qk_layernorm",
+                     "num_unique_layers", "param_sharing_style", "gpt_j_tied", "rpe_num_buckets")
 
 
 class TrainError(RuntimeError):
@@ -53,14 +65,15 @@ class TrainError(RuntimeError):
 
 
 # Errors that mean "fix the config, the data or the checkpoint", reported without a traceback.
-_INPUT_ERRORS = (TrainError, checkpoint.CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError)
+_INPUT_ERRORS = (TrainError, checkpoint.CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError,
+                 s3_upload.S3UploadError)
 
 
-def _rank0_failed(failed: bool, runtime: Runtime) -> bool:
-    """Collective: every rank learns whether rank 0 failed the step they all wait on (only rank 0's flag counts)."""
+def _any_builder_failed(failed: bool, runtime: Runtime) -> bool:
+    """Collective: every rank learns whether any rank that builds the index caches failed."""
     if not torch.distributed.is_initialized():
         return failed
-    flag = torch.tensor([1 if failed and runtime.rank == 0 else 0], dtype=torch.int32, device=runtime.device)
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=runtime.device)
     torch.distributed.all_reduce(flag)
     return bool(flag.item())
 
@@ -69,6 +82,10 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Client-state key of the LR schedule's settings, which a resume checks against the config (gpt-neox's rule).
+SCHEDULE_STATE_KEY = "lr_schedule"
 
 
 @dataclasses.dataclass
@@ -93,19 +110,36 @@ class Trainer:
         self.topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
         self.seq_length = cfg.model.seq_length
+        if train.train_epochs is not None:
+            # A run of this config (not the config itself) gets train_iters from the data, as gpt-neox does.
+            cfg = self.cfg = self._with_epoch_iterations(cfg)
+            train = cfg.train
 
         seed_all(train.seed)
+        # First, so that on GPU the CUDA allocator history (memory_profiling) covers the model's set-up.
+        self.profiler = build_step_profiler(cfg.log, runtime.rank, runtime.device, config_path.parent)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
         # A checkpoint of another architecture is refused before any data or model is built.
+        self.repad: vocab_padding.Repad | None = None  # set when the checkpoint's vocabulary padding differs
+        self.gpt_neox: GptNeoxCheckpoint | None = None  # set when `load` is a checkpoint EleutherAI's gpt-neox wrote
         self.load_tag = self._checkpoint_to_load(Path(train.load)) if train.load else None
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
+        self.do_train = self._phase("do_train", self.train_ds is not None and train.train_iters > 0,
+                                    "there is nothing to train (no train data, or train_iters 0)")
+        self.do_valid = self._phase("do_valid", self.valid_ds is not None and train.eval_iters > 0,
+                                    "there is no validation data (valid share of 'split' or 'valid_data_paths') "
+                                    "or eval_iters is 0")
+        self.do_test = self._phase("do_test", self.test_ds is not None and train.eval_iters > 0,
+                                   "there is no test data (test share of 'split' or 'test_data_paths') or "
+                                   "eval_iters is 0")
         # Identical initial weights on every rank come from the shared seed (DeepSpeed also broadcasts them).
         from_consolidated = bool(train.load and train.finetune and is_consolidated(train.load))
+        from_consolidated = from_consolidated or self.gpt_neox is not None
         if is_model_parallel(self.topo) and not from_consolidated:
             # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
-            model = meta_model(cfg.model)
+            model = meta_model(cfg.model, mup_setup(cfg.mup))
         else:
-            model = GPTNeoX(cfg.model)
+            model = GPTNeoX(cfg.model, mup_setup(cfg.mup))
         if from_consolidated:
             self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -114,25 +148,38 @@ class Trainer:
         else:
             self.train_engine = TrainEngine(cfg, model, runtime.device)
         self.engine = self.train_engine.engine
-        decay_iters = cfg.optim.lr_decay_iters or train.train_iters
+        # s3_path: rank 0 uploads each finished checkpoint in the background; close() waits for the uploads.
+        self.s3 = s3_upload.uploader_for(train.s3_path, train.save, train.s3_chunk_size, runtime.rank)
+        # gpt-neox's sequence-length warm-up (curriculum_learning): a step's batches are cut to the scheduled length.
+        self.curriculum = (SeqlenWarmup(cfg.data.curriculum_learning, self.seq_length)
+                           if curriculum_enabled(cfg.data.curriculum_learning) else None)
+        decay_iters = decay_iters_for(cfg.optim.lr_decay_iters, cfg.optim.lr_decay_fraction, train.train_iters)
         self.schedule = LRSchedule(max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                    warmup_iters=warmup_iters_from_fraction(cfg.optim.warmup, decay_iters),
                                    decay_iters=decay_iters, decay_style=cfg.optim.lr_decay_style)
+        # The iteration the LR schedule counts from: 0, or where a resume started a fresh optimizer and schedule.
+        self.schedule_start = 0
+        self.save_schedule = schedule_from_config(train)
         self.progress = Progress()
         self.fault = faults.from_environment()  # None unless a failure test asks for one
+        if self.gpt_neox is not None and not train.finetune:
+            self._resume_gpt_neox_position(self.gpt_neox.iteration)
         if self.load_tag is not None:
             self._load(Path(train.load), self.load_tag)
+            if train.checkpoint_validation_with_forward_pass:
+                self._check_forward_pass(Path(train.load) / self.load_tag)
         # Dropout streams differ per data-parallel rank, after the identical initialisation above. A resumed run
         # has restored them instead; `load` naming a still-empty directory (save == load) is a fresh run.
         if self.load_tag is None or train.finetune:
             torch.manual_seed(dropout_seed(train.seed, self.topo))
         self.owns_metrics = runtime.rank == 0
-        self.sinks: MetricsSinks | None = None
-        if self.owns_metrics:
-            self.sinks = build_sinks(cfg.log.log_dir, cfg.log.tensorboard_dir,
-                                     cfg.log.active_wandb_project(),
-                                     run_name=Path(cfg.train.save or cfg.log.log_dir or ".").name,
-                                     run_config={"config": str(config_path)})
+        # Rank 0's metrics sinks; other ranks have a wandb run only with wandb_init_all_ranks.
+        self.sinks: MetricsSinks | None = sinks_for_run(
+            cfg.log, runtime.rank, run_name=Path(cfg.train.save or cfg.log.log_dir or ".").name,
+            run_config={"config": str(config_path), **flat_run_config(cfg.groups())},
+            iteration=self.progress.iteration, wandb_group=shared_wandb_group(cfg.log))
+        self.diagnostics = build_diagnostics(cfg.log, self.engine, self.topo,
+                                             layout_state.param_names_of(self.train_engine), self.global_batch)
         self.flops_per_token = train_flops_per_token(
             matmul_params(self.num_params, cfg.model.padded_vocab_size, cfg.model.hidden_size,
                           tied_head=not cfg.model.no_weight_tying,
@@ -142,37 +189,51 @@ class Trainer:
 
     # --- set-up pieces -------------------------------------------------------------------------------------
 
+    def _with_epoch_iterations(self, cfg: NeoXConfig) -> NeoXConfig:
+        data = cfg.data
+        samples = epochs.train_epoch_samples(data.data_path, data.train_data_paths, data.split, self.seq_length)
+        iters = epochs.iterations_for_epochs(cfg.train.train_epochs, samples, self.micro_batch, self.dp_size,
+                                             self.grad_accum)
+        if self.rt.rank == 0:
+            print(f"train_epochs {cfg.train.train_epochs}: one epoch of the train split is {samples} samples -> "
+                  f"train_iters {iters}", flush=True)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_iters=iters))
+
+    def _phase(self, key: str, available: bool, why: str) -> bool:
+        """gpt-neox's do_train/do_valid/do_test: set from the data, and a user's false skips the phase."""
+        wanted = getattr(self.cfg.train, key)
+        if wanted and not available:
+            raise TrainError(f"'{key}' is true but {why}")
+        return available and wanted is not False
+
     def _datasets(self):
         cfg, train = self.cfg, self.cfg.train
         num_samples = split_num_samples(train.train_iters, train.eval_interval, train.eval_iters, self.global_batch)
-        labels = None
-        if cfg.data.label_data_paths:
-            labels = dict(zip(cfg.data.train_data_paths or [], cfg.data.label_data_paths))
+        # A phase switched off (do_train/do_valid/do_test: false) needs no data.
+        num_samples = tuple(n if wanted is not False else 0
+                            for n, wanted in zip(num_samples, (train.do_train, train.do_valid, train.do_test)))
 
         def build():
-            return build_train_valid_test(
-                data_path=cfg.data.data_path, train_data_paths=cfg.data.train_data_paths,
-                valid_data_paths=cfg.data.valid_data_paths, test_data_paths=cfg.data.test_data_paths,
-                train_data_weights=cfg.data.train_data_weights, valid_data_weights=cfg.data.valid_data_weights,
-                test_data_weights=cfg.data.test_data_weights, label_data_paths=labels, split=cfg.data.split,
-                seq_length=self.seq_length, seed=train.seed, num_samples=num_samples,
-                cache_dir=cfg.data.data_cache_dir)
+            return datasets_from_config(cfg.data, seq_length=self.seq_length, seed=train.seed,
+                                        num_samples=num_samples)
 
-        # Rank 0 builds the index caches first; the others then load them (the cache also locks, this only
-        # keeps N ranks from queueing on the lock while one builds). Rank 0 tells the others whether it succeeded:
-        # bad data then stops every rank with a message, instead of a peer's broken-barrier traceback.
-        if self.rt.rank == 0:
+        # The builders (global rank 0, or with use_shared_fs false local rank 0 of every node, as in gpt-neox) build
+        # the index caches first; the others then load them (the cache also locks, this only keeps N ranks from
+        # queueing on the lock while one builds). The builders tell the others whether they succeeded: bad data then
+        # stops every rank with a message, instead of a peer's broken-barrier traceback.
+        if is_index_builder(self.rt.rank, self.rt.local_rank, cfg.data.use_shared_fs):
             try:
                 # deepy checked this before launching; a launch by other means (or from a login node) has not.
                 check_run_token_ids(cfg.data, self.tokenizer.vocab_size)
                 datasets = build()
             except Exception:
-                _rank0_failed(True, self.rt)
+                _any_builder_failed(True, self.rt)
                 raise
-            _rank0_failed(False, self.rt)
+            _any_builder_failed(False, self.rt)
             return datasets
-        if _rank0_failed(False, self.rt):
-            raise TrainError("rank 0 could not build the datasets; its error message says what to fix")
+        if _any_builder_failed(False, self.rt):
+            raise TrainError("the rank building the dataset index caches (global rank 0, or each node's local rank 0 "
+                             "with use_shared_fs false) failed; its error message says what to fix")
         return build()
 
     def _untouched_rng(self):
@@ -188,60 +249,162 @@ class Trainer:
         return float(all_reduce_mean(torch.tensor(local, dtype=torch.float64)))
 
     def _checkpoint_to_load(self, load_dir: Path) -> str | None:
+        self.gpt_neox = open_gpt_neox_checkpoint(load_dir, self.cfg.train.iteration)
+        if self.gpt_neox is not None:
+            # Its weights go into the model before the engine is built, as a consolidated model's do.
+            self.repad = vocab_padding.check_checkpoint_model(self.gpt_neox.config.model, self.cfg.model,
+                                                              self.tokenizer.vocab_size, ARCHITECTURE_KEYS,
+                                                              self.gpt_neox.path)
+            return None
         if is_consolidated(load_dir):
             # Weights only (an imported or exported model): they go into the model before the engine is built.
             if not self.cfg.train.finetune:
                 raise TrainError(f"{load_dir} is a consolidated model (weights only, no optimizer state): set "
                                  "'finetune: true' to start training from it")
             saved_cfg = load_resolved(load_dir / "config.yml")
-            checkpoint.check_same_architecture(dataclasses.asdict(saved_cfg.model),
-                                               dataclasses.asdict(self.cfg.model), ARCHITECTURE_KEYS, load_dir)
+            self.repad = vocab_padding.check_checkpoint_model(saved_cfg.model, self.cfg.model,
+                                                              self.tokenizer.vocab_size, ARCHITECTURE_KEYS, load_dir)
             return None
-        tag = checkpoint.resolve_load_tag(load_dir)
+        tag = checkpoint.resolve_load_tag(load_dir, self.cfg.train.iteration)
         if tag is None:
             if self.cfg.train.finetune:
                 raise TrainError(f"finetune is set but {load_dir} holds no complete checkpoint")
             return None  # a fresh run whose save == load directory: nothing to resume yet
         saved_cfg = load_resolved(load_dir / tag / "config.yml")
-        checkpoint.check_same_architecture(dataclasses.asdict(saved_cfg.model), dataclasses.asdict(self.cfg.model),
-                                           ARCHITECTURE_KEYS, load_dir / tag)
+        self.repad = vocab_padding.check_checkpoint_model(saved_cfg.model, self.cfg.model, self.tokenizer.vocab_size,
+                                                          ARCHITECTURE_KEYS, load_dir / tag)
         return tag
 
     def _load_consolidated(self, model: GPTNeoX, load_dir: Path) -> None:
+        if self.gpt_neox is not None:
+            return self._load_gpt_neox(model)
         _, weights = read_consolidated(load_dir)
+        if self.repad is not None:
+            weights = vocab_padding.repad_state(weights, self.repad.padded)
+            self._note_repad()
         model.load_state_dict(weights, strict=True)
         if self.rt.rank == 0:
             print(f"loaded consolidated model {load_dir}: weights only (finetune)", flush=True)
 
-    def _load(self, load_dir: Path, tag: str) -> None:
-        saved_layout = layout_state.layout_of(load_resolved(load_dir / tag / "config.yml"))
-        if saved_layout != layout_state.layout_of(self.cfg):
-            state = self._load_other_layout(load_dir / tag, saved_layout)
-        else:
-            state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=self.cfg.train.finetune)
-        if not self.cfg.train.finetune:
-            self.progress = Progress(**{k: state[k] for k in dataclasses.asdict(Progress())})
+    def _load_gpt_neox(self, model: GPTNeoX) -> None:
+        weights = self.gpt_neox.weights()
+        if self.repad is not None:
+            weights = vocab_padding.repad_state(weights, self.repad.padded)
+            self._note_repad()
+        model.load_state_dict(weights, strict=True)
         if self.rt.rank == 0:
-            mode = "weights only (finetune)" if self.cfg.train.finetune else f"resuming at iteration {self.progress.iteration}"
-            print(f"loaded checkpoint {load_dir / tag}: {mode}", flush=True)
+            mode = ("weights only (finetune)" if self.cfg.train.finetune else
+                    f"resuming at iteration {self.gpt_neox.iteration} with a fresh optimizer and LR schedule "
+                    "(gpt-neox's optimizer state cannot be mapped to neox's)")
+            print(f"loaded gpt-neox checkpoint {self.gpt_neox.path}: {mode}", flush=True)
 
-    def _load_other_layout(self, ckpt_dir: Path, saved_layout: dict) -> dict:
-        """Resume (or finetune) from a checkpoint written at another tp/pp/dp/ZeRO layout."""
+    def _resume_gpt_neox_position(self, iteration: int) -> None:
+        """Plain resume of a gpt-neox checkpoint: its step and data position (gpt-neox restarts its loaders at
+        iteration x global batch), a fresh schedule counted from there as after no_load_optim."""
+        train = self.cfg.train
+        evaluations = iteration // train.eval_interval if train.eval_interval else 0
+        self.progress = Progress(iteration, iteration * self.global_batch, evaluations)
+        self.engine.global_steps = iteration
+        self.engine.global_samples = self.progress.consumed_train_samples
+        self.schedule_start = iteration
+
+    def _note_repad(self) -> None:
+        if self.rt.rank == 0:
+            print(self.repad.note(self.topo.tp_size), flush=True)
+
+    def _load(self, load_dir: Path, tag: str) -> None:
+        train = self.cfg.train
+        ckpt_dir = load_dir / tag
+        saved_layout = layout_state.layout_of(load_resolved(ckpt_dir / "config.yml"))
+        same_layout = saved_layout == layout_state.layout_of(self.cfg)
+        # no_save_optim wrote no DeepSpeed files and no optimizer state: its weights are the layout-free copy.
+        engine_files = checkpoint.has_engine_state(ckpt_dir)
+        # As gpt-neox: the optimizer and the LR schedule are loaded together, or neither.
+        load_optim = engine_files and not train.finetune and not train.no_load_optim
+        # no_load_optim takes the exact fp32 weights of the layout-free copy where there is one (DeepSpeed's
+        # module-only load of a ZeRO-3 checkpoint would read the files of the tag in `latest`, not of this one).
+        # A re-padded vocabulary (self.repad) no longer fits DeepSpeed's files: the layout-free copy is re-padded.
+        via_engine_files = same_layout and engine_files and self.repad is None and (
+            load_optim or train.finetune or not layout_state.has_layout_free_state(ckpt_dir))
+        if via_engine_files:
+            state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=train.finetune,
+                                    load_optimizer=load_optim, load_rng=not train.no_load_rng)
+        else:
+            state = self._load_layout_free(ckpt_dir, saved_layout, weights_only=not load_optim)
+        if train.finetune:
+            if self.rt.rank == 0:
+                print(f"loaded checkpoint {ckpt_dir}: weights only (finetune)", flush=True)
+            return
+        self.progress = Progress(**{k: state[k] for k in dataclasses.asdict(Progress())})
+        iteration = self.progress.iteration
+        self.engine.global_steps = iteration
+        self.engine.global_samples = self.progress.consumed_train_samples
+        self._restore_rng(ckpt_dir, same_layout, from_engine_files=via_engine_files)
+        if load_optim:
+            self._resume_schedule(state.get(SCHEDULE_STATE_KEY), iteration)
+        else:
+            self.schedule_start = iteration  # a fresh optimizer gets a fresh schedule (warmup again), as gpt-neox
+        if self.rt.rank == 0:
+            mode = f"resuming at iteration {iteration}"
+            if not load_optim:
+                why = "no_load_optim" if engine_files else "the checkpoint was saved with no_save_optim"
+                mode += f" with a fresh optimizer and LR schedule ({why})"
+            print(f"loaded checkpoint {ckpt_dir}: {mode}", flush=True)
+
+    def _restore_rng(self, ckpt_dir: Path, same_layout: bool, from_engine_files: bool) -> None:
+        """Every rank's RNG streams as saved; else (no_load_rng, no_save_rng, another layout, whose ranks are
+        others) dropout restarts from a seed of dp rank and step."""
+        saved = checkpoint.rng_file(ckpt_dir, self.rt.rank)
+        if not self.cfg.train.no_load_rng and same_layout and saved.is_file():
+            if not from_engine_files:  # checkpoint.load restored them already
+                checkpoint.set_rng_state(torch.load(saved, weights_only=True))
+            return
+        torch.manual_seed(dropout_seed(self.cfg.train.seed, self.topo) + 7919 * self.progress.iteration)
+
+    def _resume_schedule(self, saved: dict | None, iteration: int) -> None:
+        """gpt-neox's AnnealingLR.load_state_dict: the checkpoint's schedule settings against the config's."""
+        if saved is None:
+            return  # written before checkpoints kept their schedule: the config's, counted from iteration 0
+        optim = self.cfg.optim
+        try:
+            self.schedule, notes = resume_schedule(self.schedule, saved, override=optim.override_lr_scheduler,
+                                                   use_checkpoint=optim.use_checkpoint_lr_scheduler)
+        except ScheduleMismatch as err:
+            raise TrainError(str(err)) from None
+        self.schedule_start = iteration - int(saved.get("num_iters", iteration))
+        if self.rt.rank == 0:
+            for note in notes:
+                print(f"learning-rate schedule: {note}", flush=True)
+
+    def _load_layout_free(self, ckpt_dir: Path, saved_layout: dict, weights_only: bool) -> dict:
+        """Resume (or finetune) from the layout-free copy: a checkpoint written at another tp/pp/dp/ZeRO layout,
+        or one saved with no_save_optim (its only copy of the weights)."""
         finetune = self.cfg.train.finetune
         full = layout_state.read_layout_free_state(ckpt_dir)
+        if self.repad is not None:
+            vocab_padding.repad_full_state(full, self.repad.padded)
+            self._note_repad()
         layout_state.load_layout_free_state(self.engine, layout_state.param_names_of(self.train_engine), self.topo,
-                                            full, weights_only=finetune)
-        if self.rt.rank == 0:
+                                            full, weights_only=weights_only or finetune)
+        if self.rt.rank == 0 and saved_layout != layout_state.layout_of(self.cfg):
             print(f"{ckpt_dir} was written at {saved_layout}; loaded its layout-free state at "
                   f"{layout_state.layout_of(self.cfg)}", flush=True)
-        if finetune:
-            return {}
-        iteration = full.client_state["iteration"]
-        self.engine.global_steps = iteration
-        self.engine.global_samples = full.client_state["consumed_train_samples"]
-        # Per-rank RNG files belong to the old ranks: dropout streams restart, seeded by dp rank and step.
-        torch.manual_seed(dropout_seed(self.cfg.train.seed, self.topo) + 7919 * iteration)
-        return full.client_state
+        return {} if finetune else full.client_state
+
+    def _check_forward_pass(self, ckpt_dir: Path) -> None:
+        record = forward_check.read_record(ckpt_dir)
+        text = None if record is None else forward_check.input_for(record, self.micro_batch, self.seq_length)
+        if text is None:
+            if self.rt.rank == 0:
+                why = "has no forward pass stored" if record is None else "stored one of another seq_length"
+                print(f"WARNING: checkpoint_validation_with_forward_pass is set but {ckpt_dir} {why}; not checked",
+                      flush=True)
+            return
+        warning = forward_check.compare(ckpt_dir, record["loss"],
+                                        forward_check.forward_loss(self.train_engine, text, self.grad_accum))
+        if self.rt.rank == 0:
+            print(warning or f"checkpoint_validation_with_forward_pass: {ckpt_dir} gives the saved loss "
+                  f"{record['loss']!r} again", flush=True)
 
     def _loader(self, dataset, consumed: int):
         # torch's DataLoader draws a worker base seed from the global torch RNG each time an iterator is made; a
@@ -258,8 +421,10 @@ class Trainer:
         return self.train_engine.micro_loss(batch)
 
     def train_step(self, data_iter) -> tuple[float, float | None]:
+        if self.curriculum is not None:
+            data_iter = self.curriculum.step_batches(data_iter, self.progress.iteration, self.engine)
         rank_loss, grad_norm = self.train_engine.step(data_iter, self.grad_accum,
-                                                      self.schedule.lr_at(self.progress.iteration))
+                                                      self.schedule.lr_at(self.progress.iteration - self.schedule_start))
         mean_loss = all_reduce_mean(rank_loss)
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.global_batch
@@ -268,6 +433,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset, consumed: int, iters: int) -> float:
         self.engine.eval()
+        if self.curriculum is not None:
+            self.curriculum.full_length(self.engine)  # gpt-neox evaluates full-length batches
         data_iter = self._loader(dataset, consumed)
         if isinstance(self.train_engine, ParallelTrainEngine):
             losses = [self.train_engine.eval_loss(data_iter, iters, self.grad_accum)]
@@ -281,40 +448,104 @@ class Trainer:
         consumed = eval_consumed_samples(self.progress.evaluations_done, train.eval_iters, self.global_batch)
         loss = self.evaluate(self.valid_ds, consumed, train.eval_iters)
         self.progress.evaluations_done += 1
-        return {"iteration": self.progress.iteration, "valid_loss": loss, "valid_ppl": _ppl(loss)}
+        record = {"iteration": self.progress.iteration, "valid_loss": loss, "valid_ppl": _ppl(loss)}
+        if self.cfg.data.char_level_ppl:
+            record["valid_char_level_ppl"] = self._char_level_ppl(self.valid_ds, consumed, train.eval_iters, loss)
+        return record
+
+    def _char_level_ppl(self, dataset, consumed: int, iters: int, loss: float) -> float:
+        """gpt-neox's char_level_ppl over the samples the evaluation just read, counted on every rank."""
+        sampler = MicroBatchSampler(len(dataset), consumed, self.micro_batch, self.global_batch, self.dp_rank,
+                                    self.dp_size)
+        counts = eval_text_counts(dataset, itertools.islice(sampler, iters * self.grad_accum), self.tokenizer.decode)
+        totals = torch.tensor(counts, dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # every rank of a replica counts the same text: the ratio holds
+        return char_level_ppl(loss, int(totals[0]), int(totals[1]))
 
     def save(self) -> None:
         train = self.cfg.train
         run_files = checkpoint.RunFiles(self.config_path, tuple(self.tokenizer.files()))
         # Besides DeepSpeed's layout-bound files, a layout-free copy lets any (tp, pp, dp, ZeRO) layout resume.
-        client_state = self.progress.client_state()
+        client_state = {**self.progress.client_state(),
+                        SCHEDULE_STATE_KEY: self.schedule.state(self.progress.iteration - self.schedule_start)}
         if self.rt.rank == 0:
             print(f"saving checkpoint {checkpoint.tag_for(self.progress.iteration)}", flush=True)
+        forward = None
+        if train.checkpoint_validation_with_forward_pass:
+            text = forward_check.reference_text(self.micro_batch, self.seq_length, self.tokenizer.vocab_size)
+            forward = (text, forward_check.forward_loss(self.train_engine, text, self.grad_accum))
 
-        def write_layout_free(ckpt_dir: Path) -> None:
-            layout_state.save_layout_free_state(ckpt_dir, self.engine, layout_state.param_names_of(self.train_engine),
-                                                self.topo, client_state)
+        def write_extra(ckpt_dir: Path) -> None:
+            # Without it (checkpoint_layout_free: false) tools/reshard_checkpoint.py rebuilds it offline when
+            # needed; with no_save_optim it is the checkpoint's only copy of the weights.
+            if train.checkpoint_layout_free or train.no_save_optim:
+                layout_state.save_layout_free_state(ckpt_dir, self.engine,
+                                                    layout_state.param_names_of(self.train_engine), self.topo,
+                                                    client_state, with_moments=not train.no_save_optim)
+            if forward is not None and self.rt.rank == 0:
+                forward_check.save_record(ckpt_dir, *forward, self.progress.iteration)
 
-        # Without it (checkpoint_layout_free: false) tools/reshard_checkpoint.py rebuilds it offline when needed.
         path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, client_state,
                                run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
-                               write_extra=write_layout_free if train.checkpoint_layout_free else None)
+                               write_extra=write_extra, engine_state=not train.no_save_optim,
+                               save_rng=not train.no_save_rng, config_files=train.config_files)
+        self._last_saved = self.progress.iteration
         if self.rt.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
+        if self.s3 is not None:
+            self.s3.submit(path)
 
     def run(self, stop: StopRequests | None = None) -> bool:
-        """Train to train_iters; True if a preemption request stopped it earlier (after a checkpoint)."""
+        """gpt-neox's order: the step-0 checkpoint (0 in extra_save_iters), training (do_train) with its
+        checkpoints and evaluations, a last validation (do_valid), the final checkpoint, the test split (do_test).
+        True if a preemption request stopped it early (after a checkpoint); exit_interval stops it with False."""
+        train = self.cfg.train
+        start = self.progress.iteration
+        self._last_saved = start  # a checkpoint of the current iteration exists (or it is where we started)
+        self._valid_at = None  # iteration of the last validation in this run
+        # Not when this very checkpoint was just resumed (save == load): it would only be written again.
+        resumed_here = (self.load_tag is not None and not train.finetune and train.load is not None
+                        and Path(train.load).resolve() == Path(train.save or "").resolve())
+        if train.save and start == 0 and self.save_schedule.due(0) and not resumed_here:
+            self.save()
+        if not self.do_train:
+            if self.rt.rank == 0:
+                print(f"do_train is false: no training steps (at iteration {start})", flush=True)
+        elif start >= train.train_iters:
+            if self.rt.rank == 0:
+                print(f"nothing to train: checkpoint is at iteration {start} >= train_iters", flush=True)
+        else:
+            outcome = self._train_loop(stop)
+            if outcome != "done":
+                return outcome == "preempted"
+        it = self.progress.iteration
+        if self.do_valid and self._valid_at != it:  # the loop may just have validated at this iteration
+            self._log(self.validate())
+        if train.save and self._last_saved != it:
+            self.save()
+        if self.do_test:
+            loss = self.evaluate(self.test_ds, 0, train.eval_iters)
+            record = {"iteration": it, "test_loss": loss, "test_ppl": _ppl(loss)}
+            if self.cfg.data.char_level_ppl:
+                record["test_char_level_ppl"] = self._char_level_ppl(self.test_ds, 0, train.eval_iters, loss)
+            self._log(record)
+        return False
+
+    def _train_loop(self, stop: StopRequests | None) -> str:
+        """Steps to train_iters: "done", "preempted" (stopped after a checkpoint) or "exited" (exit_interval)."""
         cfg, train, log = self.cfg, self.cfg.train, self.cfg.log
-        if self.progress.iteration >= train.train_iters:
-            print(f"nothing to do: checkpoint is at iteration {self.progress.iteration} >= train_iters", flush=True)
-            return False
         self.engine.train()
         data_iter = self._loader(self.train_ds, self.progress.consumed_train_samples)
         start = time.perf_counter()
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
-        last_saved = self.progress.iteration
         while self.progress.iteration < train.train_iters:
-            loss, grad_norm = self.train_step(data_iter)
+            with self.profiler.step(self.progress.iteration):
+                loss, grad_norm = self.train_step(data_iter)
+            if self.diagnostics is not None:
+                record = self.diagnostics.after_step(self.progress.iteration)  # collective; rank 0 gets it
+                if record:
+                    self._log(record)
             window_steps += 1
             window_losses.append(loss)
             it = self.progress.iteration
@@ -323,24 +554,26 @@ class Trainer:
                 self._log(self._train_record(window_losses, grad_norm, elapsed / window_steps,
                                              time.perf_counter() - start))
                 window_start, window_steps, window_losses = time.perf_counter(), 0, []
-            if self.valid_ds is not None and train.eval_iters > 0 and it % train.eval_interval == 0:
+            if self.do_valid and it % train.eval_interval == 0:
                 self._log(self.validate())
+                self._valid_at = it
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if train.save and train.save_interval and it % train.save_interval == 0:
+            # After the evaluation (gpt-neox saves before it): the checkpoint's validation cursor then counts it, so
+            # a resumed run reads the very validation batches an uninterrupted one reads.
+            if train.save and self.save_schedule.due(it):
                 self.save()
-                last_saved = it
                 window_start = time.perf_counter()
             if self.fault is not None:
                 self.fault.after_step(self.rt.rank, it)
+            if train.exit_interval and it % train.exit_interval == 0:
+                if self.rt.rank == 0:
+                    print(f"exit_interval {train.exit_interval}: exiting after iteration {it}", flush=True)
+                return "exited"
             # Every rank takes part, every step (one all-reduce of a flag): they all stop after the same step.
             if stop is not None and it < train.train_iters and stop.agreed():
-                return self._stop_for_preemption(last_saved)
-        if train.save and last_saved != self.progress.iteration:
-            self.save()
-        if self.test_ds is not None and train.eval_iters > 0:
-            loss = self.evaluate(self.test_ds, 0, train.eval_iters)
-            self._log({"iteration": self.progress.iteration, "test_loss": loss, "test_ppl": _ppl(loss)})
-        return False
+                self._stop_for_preemption(self._last_saved)
+                return "preempted"
+        return "done"
 
     def _stop_for_preemption(self, last_saved: int) -> bool:
         it = self.progress.iteration
@@ -355,12 +588,14 @@ class Trainer:
         return True
 
     def _train_record(self, losses: list[float], grad_norm: float | None, step_time: float, elapsed: float) -> dict:
-        tokens_per_sec = self.global_batch * self.seq_length / step_time
+        # A curriculum feeds shorter sequences: count the tokens the logged steps really read.
+        seq_length = self.seq_length if self.curriculum is None else self.curriculum.take_window_mean()
+        tokens_per_sec = self.global_batch * seq_length / step_time
         flops_per_rank = self.flops_per_token * tokens_per_sec / self.rt.world_size
-        return {
+        record = {
             "iteration": self.progress.iteration,
             "lm_loss": sum(losses) / len(losses),
-            "lr": self.schedule.lr_at(self.progress.iteration - 1),
+            "lr": self.schedule.lr_at(self.progress.iteration - 1 - self.schedule_start),
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
             "tokens_per_sec_per_rank": tokens_per_sec / self.rt.world_size,
@@ -372,14 +607,20 @@ class Trainer:
             "consumed_samples": self.progress.consumed_train_samples,
             "elapsed_s": elapsed,
         }
+        if self.curriculum is not None:
+            record["curriculum_seqlen"] = self.curriculum.length  # gpt-neox logs it under this name
+        return record
 
     def _log(self, record: dict) -> None:
         if self.sinks is not None:
             self.sinks.write(record)
 
     def close(self) -> None:
+        self.profiler.close()  # a run that ended inside the profiled window
         if self.sinks is not None:
             self.sinks.close()
+        if self.s3 is not None:
+            self.s3.finish()  # last: raises S3UploadError if a checkpoint did not reach S3
 
 
 def _ppl(loss: float) -> float:
@@ -391,9 +632,20 @@ def _train(cfg: NeoXConfig, config_path: Path, runtime: Runtime) -> int:
     stop = StopRequests(stop_request_path(run_dir) if runtime.local_rank == 0 else None, runtime.device)
     stop.install()
     with RankLog(rank_log.ranks_dir(cfg.log.log_dir, run_dir), runtime.rank) as log:
+        if cfg.mup.save_base_shapes:  # muP's first run (gpt-neox: save, then exit): the file, no training
+            mup_modes.save_base_shapes(cfg, runtime.rank)
+            return 0
         trainer = Trainer(cfg, config_path, runtime)
         try:
-            preempted = trainer.run(stop)
+            if cfg.mup.coord_check:  # muP's check on the training data (gpt-neox: plots, then exit), no training
+                if trainer.train_ds is None:
+                    raise TrainError("coord_check trains on a batch of the train split, which is empty: give "
+                                     "'split' a train share or set 'train_data_paths'")
+                mup_modes.run_coord_check(cfg, next(trainer._loader(trainer.train_ds, 0)),
+                                          Path(cfg.log.log_dir or run_dir), runtime.rank, runtime.device)
+                preempted = False
+            else:
+                preempted = trainer.run(stop)
         finally:
             trainer.close()
         log.exit_code = cfg.train.preempt_exit_code if preempted else 0

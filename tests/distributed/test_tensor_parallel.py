@@ -38,6 +38,19 @@ MODEL_VARIANTS = {
                                              "gpt_j_residual": True},
     "alibi-untied": {"pos_emb": "alibi", "no_weight_tying": True},
     "learned-no-attn-bias": {"pos_emb": "learned", "no_weight_tying": True, "use_bias_in_attn_linear": False},
+    # gpt-neox options: qk norms (LayerNorm statistics span the tp ranks' heads), the T5 bias split by heads, the
+    # untied head split over the hidden dim, DeepSpeed's activation checkpointing with partitioned activations.
+    "qk-layernorm-gqa-rpe-layer-scaling": {"num_kv_heads": 2, "use_qk_layernorm": True, "pos_emb": "rpe",
+                                           "apply_query_key_layer_scaling": True},
+    "row-head-qk-rmsnorm-local-window": {"no_weight_tying": True, "output_layer_parallelism": "row",
+                                         "use_qk_layernorm": True, "norm": "rmsnorm", "sliding_window_width": 5,
+                                         "attention_config": [[["local", "global"], 1]],
+                                         "sparsity_config": {"block": 4, "num_local_blocks": 2}},
+    "scalenorm-qk-sinusoidal-shared-checkpointed": {
+        "norm": "scalenorm", "use_qk_layernorm": True, "pos_emb": "sinusoidal", "num_layers": 4,
+        "num_unique_layers": 2, "checkpoint_activations": True, "checkpoint_num_layers": 2,
+        "partition_activations": True, "contiguous_checkpointing": True, "checkpoint_in_cpu": True,
+        "synchronize_each_layer": True},
 }
 
 
@@ -106,6 +119,9 @@ META_VARIANTS = [
     {"num_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm", "no_weight_tying": True},
     {"pos_emb": "alibi", "init_method": "small_init", "output_layer_init_method": "wang_init"},
     {"pos_emb": "learned", "use_bias_in_attn_linear": False, "init_method": "orthogonal"},
+    {"pos_emb": "rpe", "use_qk_layernorm": True, "norm": "scalenorm", "num_layers": 4, "num_unique_layers": 2},
+    {"no_weight_tying": True, "output_layer_parallelism": "row", "use_qk_layernorm": True, "gpt_j_residual": True,
+     "gpt_j_tied": True},
 ]
 
 

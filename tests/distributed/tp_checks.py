@@ -88,12 +88,15 @@ def full_model_tp(variants: list[dict]) -> list[dict]:
 
 
 def _one_model_tp(topo, changes: dict) -> dict:
+    from neox.parallel.activation_checkpoint import install_activation_checkpointing
     from neox.parallel.parallelize import apply_tensor_parallel, lm_loss_fn
+    from neox.parallel.sharding import config_overrides
 
     size = topo.tp_size
     cfg = model_cfg(**changes)
+    overrides = config_overrides(cfg)  # a row-parallel head is split along its columns
     torch.manual_seed(3)
-    reference = GPTNeoX(cfg)
+    reference = GPTNeoX(dataclasses.replace(cfg, checkpoint_activations=False))  # checkpointing changes no number
     tokens = torch.randint(0, VOCAB, (2, 16))
     labels = torch.randint(0, VOCAB, (2, 16))
     mask = torch.ones(2, 16)
@@ -104,15 +107,16 @@ def _one_model_tp(topo, changes: dict) -> dict:
 
     torch.manual_seed(3)
     model = GPTNeoX(cfg)
-    apply_tensor_parallel(model, topo)
+    apply_tensor_parallel(model, topo, row_parallel_head=cfg.row_parallel_head)
+    install_activation_checkpointing(model, cfg, topo)  # DeepSpeed's, partitioning over tp when asked
     state_matches = all(torch.equal(model.state_dict()[k], v)
-                        for k, v in shard_state_dict(full_state, topo.tp_rank, size).items())
-    loss = lm_loss_fn(topo, VOCAB)(model(tokens), labels, mask)
+                        for k, v in shard_state_dict(full_state, topo.tp_rank, size, overrides).items())
+    loss = lm_loss_fn(topo, VOCAB, cfg.row_parallel_head)(model(tokens), labels, mask)
     loss.backward()
     local_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     gathered: list = [None] * size
     dist.all_gather_object(gathered, local_grads)
-    merged = merge_state_dicts(gathered)
+    merged = merge_state_dicts(gathered, overrides)
     grad_err = max((merged[n] - g).abs().max().item() for n, g in ref_grads.items())
     return {"loss": loss.item(), "ref_loss": ref_loss.item(), "grad_err": grad_err,
             "state_matches": state_matches, "same_names": sorted(merged) == sorted(ref_grads)}
@@ -225,10 +229,10 @@ def meta_build_matches_full_build(variants: list[dict]) -> list[dict]:
     for changes in variants:
         cfg = model_cfg(**changes)
         torch.manual_seed(11)
-        full = apply_tensor_parallel(GPTNeoX(cfg), topo)
+        full = apply_tensor_parallel(GPTNeoX(cfg), topo, row_parallel_head=cfg.row_parallel_head)
         full_rng = torch.get_rng_state()
         torch.manual_seed(11)
-        meta = apply_tensor_parallel(meta_model(cfg), topo)
+        meta = apply_tensor_parallel(meta_model(cfg), topo, row_parallel_head=cfg.row_parallel_head)
         assert all(p.is_meta for p in meta.parameters())
         materialize(meta, topo)
         want, got = full.state_dict(), meta.state_dict()

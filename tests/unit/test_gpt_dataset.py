@@ -266,16 +266,19 @@ def test_build_from_path_lists_blends_and_reports_bad_keys(tmp_path: Path) -> No
         data_path=None, test_data_paths=None, test_data_weights=None, seq_length=SEQ, seed=3,
         num_samples=(200, 40, 0),
     )
+    # labels pair with data paths by position (gpt-neox's zip_longest): "a", second and past the list, has none
     train, valid, test = build_train_valid_test(
-        train_data_paths=[str(tmp_path / "a"), str(tmp_path / "b")], train_data_weights=[3, 1],
+        train_data_paths=[str(tmp_path / "b"), str(tmp_path / "a")], train_data_weights=[1, 3],
         valid_data_paths=[str(tmp_path / "b")], valid_data_weights=None,
-        label_data_paths={str(tmp_path / "b"): f"{tmp_path / 'b'}_label"}, **common,
+        train_label_data_paths=[f"{tmp_path / 'b'}_label"], valid_label_data_paths=[f"{tmp_path / 'b'}_label"],
+        **common,
     )
     assert isinstance(train, BlendedDataset) and len(train) == 200 and test is None
-    assert [ds.num_samples for ds in train.datasets] == [151, 51]  # ceil(200 * share * 1.005)
-    assert train.datasets[0].indexed.prefix == a.prefix
-    from_b = [n for n in range(200) if train.dataset_index[n] == 1]
+    assert [ds.num_samples for ds in train.datasets] == [51, 151]  # ceil(200 * share * 1.005)
+    assert train.datasets[1].indexed.prefix == a.prefix
+    from_b = [n for n in range(200) if train.dataset_index[n] == 0]
     assert len(from_b) == 50 and all("label" in train[n] for n in from_b)
+    assert all("label" not in train[n] for n in range(200) if n not in from_b)
     assert isinstance(valid, GPTDataset) and valid.num_samples == 40 and "label" in valid[0]
 
     def build(**overrides: object) -> None:
@@ -292,8 +295,8 @@ def test_build_from_path_lists_blends_and_reports_bad_keys(tmp_path: Path) -> No
         build(train_data_paths=[str(tmp_path / "a"), str(tmp_path / "b")], train_data_weights=[1.0])
     with pytest.raises(DataError, match="not both"):
         build(data_path=str(tmp_path / "a"))
-    with pytest.raises(DataError, match=r"label_data_paths has labels for \['\./elsewhere'\]"):
-        build(label_data_paths={"./elsewhere": "x_label"})
+    with pytest.raises(DataError, match="train_label_data_paths has 2 entries but train_data_paths has 1"):
+        build(train_label_data_paths=[f"{tmp_path / 'b'}_label"] * 2)
     with pytest.raises(DataError, match=r"data_path: no dataset at prefix"):
         build(data_path=str(tmp_path / "nope"), train_data_paths=None)
 

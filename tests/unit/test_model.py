@@ -212,8 +212,8 @@ def test_alibi_slopes_and_mlp_width_rules() -> None:
         ({"rotary_pct": 0.0}, "rotary_pct"),
         ({"rotary_pct": 1.5}, "rotary_pct"),
         ({"hidden_size": 24, "num_attention_heads": 4, "rotary_pct": 0.5}, "rotary_pct"),  # 3 rotary dims
-        ({"pos_emb": "sinusoidal"}, "pos_emb"),
-        ({"norm": "scalenorm"}, "norm"),
+        ({"pos_emb": "xpos"}, "pos_emb"),
+        ({"norm": "groupnorm"}, "norm"),
         ({"activation": "tanh"}, "activation"),
         ({"init_method": "uniform"}, "init_method"),
         ({"output_layer_init_method": "zeros"}, "output_layer_init_method"),
@@ -290,6 +290,14 @@ def test_token_cross_entropy_equals_torch_in_value_and_gradient(dtype) -> None:
     (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
     (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), logits)
     assert grad_ours.dtype == dtype
-    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-6, rtol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-6, rtol=1e-5)
+    else:
+        # Both round an fp32 gradient to bf16; two fp32 values a hair apart may round to neighbouring bf16
+        # values (one element in ~1.5M did), so the contract is at most one bf16 ulp apart.
+        a, b = grad_ours.float(), grad_theirs.float()
+        magnitude = torch.maximum(a.abs(), b.abs()).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        ulp = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)  # bf16 keeps 7 explicit mantissa bits
+        assert bool(((a - b).abs() <= ulp).all()), float(((a - b).abs() / ulp).max())
     with torch.no_grad():
         torch.testing.assert_close(token_cross_entropy(logits, labels), theirs)

@@ -31,7 +31,7 @@ def test_linear_and_constant():
 
 def test_schedule_errors():
     with pytest.raises(ValueError, match="lr_decay_style"):
-        LRSchedule(1.0, 0.0, 0, 10, "exponential")
+        LRSchedule(1.0, 0.0, 0, 10, "inverse_sqrt")
     with pytest.raises(ValueError, match="min_lr"):
         LRSchedule(1.0, 2.0, 0, 10)
     with pytest.raises(ValueError, match="warmup"):
