@@ -3,8 +3,11 @@
 A 162M GPT-NeoX model (12 layers, hidden 768, 12 heads, vocab 50304, untied head: Pythia-160M's shape) with
 random weights; ours is GPTNeoX + neox.generate.decode, the peer is GPTNeoXForCausalLM built from the same
 weights by neox.model.hf. Greedy decoding of 128 new tokens after a 32-token prompt, batch 1 and batch 8,
-no EOS (both produce every token). Reported: tokens/s (new tokens x batch / wall time, best of --repeats),
-the ratio, whether both produced the same tokens, and the targets (>= 1.5x HF at batch 1, >= 1.0x at batch 8).
+no EOS (both produce every token). HF is measured in the same run, never taken from an earlier one: the two
+alternate (ours first in even repeats, HF first in odd ones) so a shared machine's load falls on both alike.
+Reported: the median wall time of --repeats runs with its spread (quartiles, min, max), tokens/s from the median
+(new tokens x batch / seconds), the ratio, whether both produced the same tokens, and the targets (>= 1.5x HF at
+batch 1, >= 1.0x at batch 8). --quick decodes a small model briefly, to check the benchmark runs.
 The targets are judged in float32, where both produce the same tokens; `--dtypes float32 bfloat16` adds both
 models cast to bfloat16 (each against the other in the same dtype) and, in `cross_dtype`, ours in bfloat16
 against HF in float32 (a different arithmetic, so reported apart, with how many leading greedy tokens ours in
@@ -12,24 +15,27 @@ bfloat16 shares with ours in float32: random weights give near-tied logits, so t
 
 Why float32 at batch 1 cannot reach 1.5x: a decoding step reads every weight but the input embedding once
 (494 MB in float32 for this model); at this machine's measured read bandwidth (about 27-30 GB/s on 2 threads)
-that alone is 16.5-18.5 ms, while HF's whole step takes about 25 ms: 1.5x would need 17 ms per token.
+that alone is 16.5-18.5 ms, while HF's whole step took about 25 ms when this was written: 1.5x would need 17 ms
+per token.
 
     python benchmarks/generate.py --output benchmarks/results/generate.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from spread import summary, write_json
+
 TARGETS = {1: 1.5, 8: 1.0}
-HF_MEASURED_TOKENS_PER_S = {1: (28, 31), 8: (79, 88)}  # on this kind of machine, quiet, before this benchmark
+QUICK = {"layers": 2, "hidden": 128, "heads": 4, "new_tokens": 16, "batches": [1, 2]}
 
 
 def model_config(vocab: int, layers: int, hidden: int, heads: int):
@@ -54,17 +60,21 @@ def build_models(cfg, seed: int):
     return ours, hf
 
 
-def best_time(run: Callable[[], list[list[int]]], repeats: int) -> tuple[float, list[list[int]]]:
-    best, tokens = float("inf"), []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = run()
-        best = min(best, time.perf_counter() - start)
-    return best, tokens
+def interleaved_times(runs: dict[str, Callable[[], list[list[int]]]], repeats: int
+                      ) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
+    """Wall seconds of each run per repeat, the runs alternating their order, and the tokens each produced last."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    tokens: dict[str, list[list[int]]] = {}
+    for r in range(repeats):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            tokens[name] = runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, tokens
 
 
 def measure(ours, hf, cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int, seed: int,
-            dtype: str) -> dict:
+            dtype: str, judge: bool) -> dict:
     from neox.generate.decode import DecodeRequest, decode
     from neox.generate.parallel_model import ParallelDecoder
 
@@ -88,9 +98,10 @@ def measure(ours, hf, cfg, batch: int, prompt_len: int, new_tokens: int, repeats
     with torch.inference_mode():
         hf.generate(prompts[:, :8], attention_mask=torch.ones_like(prompts[:, :8]), max_new_tokens=4,
                     do_sample=False, pad_token_id=0)
-    ours_s, ours_tokens = best_time(run_ours, repeats)
-    hf_s, hf_tokens = best_time(run_hf, repeats)
-    ours_rate, hf_rate = batch * new_tokens / ours_s, batch * new_tokens / hf_s
+    seconds, tokens = interleaved_times({"ours": run_ours, "hf": run_hf}, repeats)
+    ours_tokens, hf_tokens = tokens["ours"], tokens["hf"]
+    ours_s, hf_s = summary(seconds["ours"]), summary(seconds["hf"])
+    ours_rate, hf_rate = batch * new_tokens / ours_s["median"], batch * new_tokens / hf_s["median"]
     return {
         "dtype": dtype,
         "batch": batch,
@@ -102,7 +113,9 @@ def measure(ours, hf, cfg, batch: int, prompt_len: int, new_tokens: int, repeats
         "hf_tokens_per_s": hf_rate,
         "ours_over_hf": ours_rate / hf_rate,
         "target_over_hf": TARGETS.get(batch),
-        "meets_target": (ours_rate / hf_rate >= TARGETS[batch]) if batch in TARGETS and dtype == "float32" else None,
+        # Judged at the full-size model only: a --quick run checks the plumbing.
+        "meets_target": (ours_rate / hf_rate >= TARGETS[batch]) if batch in TARGETS and dtype == "float32" and judge
+        else None,
         "same_tokens": ours_tokens == hf_tokens,
         "_tokens": {"ours": ours_tokens, "hf": hf_tokens},
     }
@@ -140,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the best is reported")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per case and side, alternating; the median and spread are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
@@ -148,8 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    parser.add_argument("--output", default=None, help="JSON file (default: stdout)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (default: stdout)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small model and short decode ({QUICK}): checks the benchmark runs")
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = model_config(args.vocab, args.layers, args.hidden, args.heads)
@@ -157,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     for dtype in args.dtypes:
         ours, hf = ours.to(getattr(torch, dtype)), hf.to(getattr(torch, dtype))
-        cases += [measure(ours, hf, cfg, b, args.prompt_tokens, args.new_tokens, args.repeats, args.seed, dtype)
-                  for b in args.batches]
+        cases += [measure(ours, hf, cfg, b, args.prompt_tokens, args.new_tokens, args.repeats, args.seed, dtype,
+                          judge=not args.quick) for b in args.batches]
     import transformers
 
     results = {
@@ -171,21 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "hf_measured_earlier_tokens_per_s": HF_MEASURED_TOKENS_PER_S,
+        "method": {"repeats": args.repeats, "quick": args.quick,
+                   "order": "ours first in even repeats, HF first in odd ones, after one short warm-up each",
+                   "statistic": "median wall time with quartiles, min and max; tokens/s and ratios from the medians"},
         "cases": [{k: v for k, v in c.items() if k != "_tokens"} for c in cases],
         "cross_dtype": cross_dtype(cases),
     }
-    text = json.dumps(results, indent=2) + "\n"
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        from pathlib import Path
-
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    write_json(results, args.output)
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from neox.config import ConfigError, NeoXConfig, load_config, save_resolved
 from neox.config.deepspeed import check_device_support
-from neox.config.derive import detect_local_gpus
+from neox.config.derive import detect_local_gpus, resolve_hosts
 from neox.config.load import resolve_paths
 from neox.config.originals import original_config_files
 from neox.config.resolved import RESOLVED_NAME
@@ -121,8 +121,12 @@ def tokenizer_vocab_size(cfg: NeoXConfig) -> int:
 
 
 def check_launch_size(cfg: NeoXConfig, local_gpus: int) -> None:
-    """global_num_gpus (gpt-neox) names the job's size; a launch from this machine must start exactly that many."""
+    """A launch on this machine alone starts no more ranks than it has GPUs, and exactly global_num_gpus (gpt-neox's
+    job size) when that names the job. The config was derived without counting GPUs when num_gpus is set, and
+    DeepSpeed's runner would hand the extra ranks device ordinals that do not exist."""
     launch = cfg.launch
+    if launch.hostfile is None and local_gpus:
+        resolve_hosts(launch, local_gpus)  # "'num_gpus' is N but this machine has M GPU(s)"
     if launch.global_num_gpus is None or launch.hostfile is not None or launch.num_gpus is not None:
         return  # derive.py already made hostfile/num_gpus agree with it
     if local_gpus and local_gpus != launch.global_num_gpus:

@@ -113,10 +113,11 @@ def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> N
     """train with 'load': the checkpoint it will resume is complete, whole and of the configured architecture (its
     vocabulary padding may differ: the trainer re-pads it, neox/checkpoint/vocab_padding.py)."""
     from neox.checkpoint.consolidated import is_consolidated
+    from neox.checkpoint.engine_state import complete_tags, resolve_load_tag
+    from neox.checkpoint.errors import CheckpointError
     from neox.checkpoint.gpt_neox import open_gpt_neox_checkpoint
     from neox.checkpoint.vocab_padding import check_checkpoint_model
     from neox.config.resolved import load_resolved
-    from neox.train.checkpoint import CheckpointError, complete_tags, resolve_load_tag
     from neox.train.run import ARCHITECTURE_KEYS
 
     load = Path(cfg.train.load)
@@ -149,7 +150,7 @@ def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> N
 def check_checkpoint_exists(cfg: NeoXConfig, iteration: int | None = None) -> None:
     """generate / eval: 'load' designates a complete checkpoint."""
     from neox.checkpoint.consolidated import find_checkpoint
-    from neox.train.checkpoint import CheckpointError
+    from neox.checkpoint.errors import CheckpointError
 
     try:
         find_checkpoint(cfg.train.load, iteration)

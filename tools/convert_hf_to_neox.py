@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neox.checkpoint.consolidated import CheckpointError
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.hf_import import MODEL_YAML, ImportOptions, convert_hf_to_neox
 from neox.checkpoint.hf_tokenizer import TokenizerConversionError
 from neox.config.errors import ConfigError

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neox.checkpoint.consolidated import CheckpointError
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.hf_export import export_to_hf
 from neox.checkpoint.hf_tokenizer import TokenizerConversionError
 from neox.config.errors import ConfigError

@@ -18,11 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from neox.checkpoint.consolidated import CheckpointError, find_checkpoint, is_consolidated, swap_into_place
+from neox.checkpoint.consolidated import find_checkpoint, is_consolidated, swap_into_place
+from neox.checkpoint.engine_state import LATEST_FILE, write_text_atomic
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.gpt_neox import is_gpt_neox_checkpoint
+from neox.checkpoint.layout_rebuild import rebuild_layout_free_state
 from neox.config.errors import ConfigError
-from neox.parallel.layout_rebuild import rebuild_layout_free_state
-from neox.train.checkpoint import LATEST_FILE, write_text_atomic
 from neox.train.run import SCHEDULE_STATE_KEY, Progress
 
 _INPUT_ERRORS = (CheckpointError, ConfigError)

@@ -1,8 +1,10 @@
-"""Reading trained checkpoints back as one full model: find, consolidate (any ZeRO stage), load for inference,
-and the topology-free consolidated format (model.safetensors + config.yml + tokenizer/)."""
+"""The one home of training state: the engine's save / resume / finetune (engine_state), the layout-free copy any
+layout resumes from (layout_state, rebuilt offline by layout_rebuild), reading trained checkpoints back as one full
+model (consolidated: any ZeRO stage or layout, and gpt-neox's own, gpt_neox), the topology-free consolidated format,
+HF import / export, vocabulary re-padding across tp and S3 upload; safe_load reads DeepSpeed's files without
+running code."""
 from neox.checkpoint.consolidated import (
     CONSOLIDATED_FORMAT,
-    CheckpointError,
     checkpoint_tokenizer,
     consolidate,
     find_checkpoint,
@@ -11,6 +13,7 @@ from neox.checkpoint.consolidated import (
     read_consolidated,
     save_consolidated,
 )
+from neox.checkpoint.errors import CheckpointError
 
 __all__ = [
     "CONSOLIDATED_FORMAT",

@@ -33,13 +33,19 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from neox.checkpoint.engine_state import COMPLETE_MARKER, has_engine_state, resolve_load_tag
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, find_gpt_neox_checkpoint, is_gpt_neox_checkpoint
+from neox.checkpoint.layout_rebuild import merged_weights
+from neox.checkpoint.layout_state import consolidated_weights, has_layout_free_state
+from neox.checkpoint.safe_load import load_state_file
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved, save_resolved
 from neox.model import GPTNeoX
 from neox.model.base_shapes import mup_setup
+from neox.model.shapes import state_shapes
+from neox.model.state import persistent_buffers
 from neox.tokenizer import Tokenizer, build_tokenizer
-from neox.train.checkpoint import COMPLETE_MARKER, CheckpointError, has_engine_state, resolve_load_tag
 
 CONSOLIDATED_FORMAT = "neox-consolidated/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +58,7 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 
 StateDict = dict[str, torch.Tensor]
 
-__all__ = ["CONSOLIDATED_FORMAT", "CheckpointError", "find_checkpoint", "consolidate", "load_model",
+__all__ = ["CONSOLIDATED_FORMAT", "find_checkpoint", "consolidate", "load_model",
            "save_consolidated", "read_consolidated", "is_consolidated", "checkpoint_tokenizer"]
 
 
@@ -113,16 +119,14 @@ def consolidate(checkpoint_dir: str | Path) -> tuple[NeoXConfig, StateDict]:
         return gpt_neox.config, gpt_neox.weights()
     cfg = _saved_config(checkpoint_dir)
     # Saved with no_save_optim: no DeepSpeed files, the weights are the layout-free copy alone.
-    if _is_model_parallel(checkpoint_dir, cfg) or not has_engine_state(checkpoint_dir):
+    if cfg.parallel.is_model_parallel or not has_engine_state(checkpoint_dir):
         weights = merge_parallel_checkpoint(checkpoint_dir, cfg)
+    elif cfg.optim.zero_stage == 3:
+        weights = _zero3_weights(checkpoint_dir)
+    elif cfg.optim.precision in ("fp16", "bfloat16"):
+        weights = _master_weights(checkpoint_dir)
     else:
-        stage = int((cfg.optim.zero_optimization or {}).get("stage", 0))
-        if stage == 3:
-            weights = _zero3_weights(checkpoint_dir)
-        elif cfg.optim.precision in ("fp16", "bfloat16"):
-            weights = _master_weights(checkpoint_dir)
-        else:
-            weights = _module_weights(checkpoint_dir)
+        weights = _module_weights(checkpoint_dir)
     _check_weights(cfg, weights, checkpoint_dir)
     return cfg, weights
 
@@ -131,10 +135,6 @@ def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDic
     """Tensor/pipeline-parallel checkpoints: neox.parallel writes every rank's full-precision parameters in
     single-device names (layout_free/) and knows how it split them; it merges them back. A checkpoint saved
     without that copy (checkpoint_layout_free: false) is merged from DeepSpeed's own files instead."""
-    from neox.model.state import persistent_buffers
-    from neox.parallel.layout_rebuild import merged_weights
-    from neox.parallel.layout_state import consolidated_weights, has_layout_free_state
-
     if has_layout_free_state(checkpoint_dir):
         weights = consolidated_weights(checkpoint_dir, tied_head=not cfg.model.no_weight_tying)
     else:
@@ -145,12 +145,6 @@ def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDic
     return {k: v.detach().to(torch.float32) for k, v in weights.items()}
 
 
-def _is_model_parallel(checkpoint_dir: Path, cfg: NeoXConfig) -> bool:
-    return (cfg.parallel.model_parallel_size > 1 or cfg.parallel.pipe_parallel_size > 1
-            or any(checkpoint_dir.glob("layer_*-model_states.pt"))
-            or any(checkpoint_dir.glob("*mp_rank_01_*")))
-
-
 def _saved_config(checkpoint_dir: Path) -> NeoXConfig:
     path = checkpoint_dir / CONFIG_FILE
     if not path.is_file():
@@ -158,36 +152,11 @@ def _saved_config(checkpoint_dir: Path) -> NeoXConfig:
     return load_resolved(path)
 
 
-def deepspeed_record_types() -> list[type]:
-    """Plain records DeepSpeed pickles into its optimizer files next to the tensors (nothing executable)."""
-    found: list[type] = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
-        try:
-            imported = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        found += [getattr(imported, n) for n in names if hasattr(imported, n)]
-    return found
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        with torch.serialization.safe_globals(deepspeed_record_types()):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or OSError depending on the damage
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a DeepSpeed state dict")
-    return data
-
-
 def _model_states(checkpoint_dir: Path, name: str = "mp_rank_00_model_states.pt") -> dict[str, Any]:
     path = checkpoint_dir / name
     if not path.is_file():
         raise CheckpointError(f"{checkpoint_dir} has no {name}: not a complete DeepSpeed checkpoint")
-    return _load(path)
+    return load_state_file(path)
 
 
 def _module_weights(checkpoint_dir: Path) -> StateDict:
@@ -211,7 +180,7 @@ def _rank_files(checkpoint_dir: Path, suffix: str) -> list[Path]:
 def _optimizer_states(files: list[Path]) -> list[dict[str, Any]]:
     states = []
     for path in files:
-        state = _load(path).get("optimizer_state_dict")
+        state = load_state_file(path).get("optimizer_state_dict")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} has no optimizer_state_dict")
         states.append(state)
@@ -268,7 +237,7 @@ def _master_weights(checkpoint_dir: Path) -> StateDict:
 
 def _zero3_weights(checkpoint_dir: Path) -> StateDict:
     model_files = _rank_files(checkpoint_dir, "model_states.pt")
-    model_states = _load(model_files[0])
+    model_states = load_state_file(model_files[0])
     shapes = _named_shapes(model_states, model_files[0])
     states = _optimizer_states(_rank_files(checkpoint_dir, "optim_states.pt"))
     if len(states) != len(model_files):
@@ -291,14 +260,8 @@ def _zero3_weights(checkpoint_dir: Path) -> StateDict:
     return _with_buffers_and_shared(weights, model_states)
 
 
-def _expected_shapes(cfg: NeoXConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = GPTNeoX(cfg.model)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def _check_weights(cfg: NeoXConfig, weights: StateDict, origin: Path) -> None:
-    expected = _expected_shapes(cfg)
+    expected = state_shapes(cfg.model)
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     wrong = [f"{k} {tuple(weights[k].shape)} (config says {tuple(expected[k])})"

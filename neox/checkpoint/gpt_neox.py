@@ -47,12 +47,15 @@ from typing import Any
 
 import torch
 
+from neox.checkpoint.engine_state import LATEST_FILE
+from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.safe_load import deepspeed_record_types
 from neox.config.errors import ConfigError
 from neox.config.load import load_config
 from neox.config.model import ModelConfig
 from neox.config.neox_config import NeoXConfig
 from neox.config.yaml_file import read_config_file
-from neox.train.checkpoint import LATEST_FILE, CheckpointError
+from neox.model.shapes import state_shapes
 
 CONFIG_DIR = "configs"
 PIPELINE, SEQUENTIAL = "pipeline", "sequential"
@@ -139,8 +142,6 @@ def _record_types() -> list[Any]:
     found: list[Any] = [np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
                         (reconstruct, "numpy._core.multiarray._reconstruct"), argparse.Namespace]
     found += [type(np.dtype(t)) for t in ("uint32", "int64", "float32", "float64")]
-    from neox.checkpoint.consolidated import deepspeed_record_types  # consolidated reads gpt-neox checkpoints too
-
     found += deepspeed_record_types()
     return found
 
@@ -477,12 +478,8 @@ def _merge(shards: _Shards, cfg: ModelConfig) -> StateDict:
 
 
 def _check_shapes(checkpoint: GptNeoxCheckpoint, weights: StateDict) -> None:
-    from neox.model import GPTNeoX
-
     # The rotary inv_freq buffers are derived: the model fills them in when it loads these weights.
-    model_cfg = replace(checkpoint.config.model, rotary_save_freqs_buffer=False)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPTNeoX(model_cfg).state_dict().items()}
+    expected = state_shapes(replace(checkpoint.config.model, rotary_save_freqs_buffer=False))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k])}" for k in expected

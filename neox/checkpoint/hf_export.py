@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from neox.checkpoint.consolidated import (CheckpointError, checkpoint_tokenizer, consolidate, find_checkpoint,
-                                          swap_into_place)
+from neox.checkpoint.consolidated import checkpoint_tokenizer, consolidate, find_checkpoint, swap_into_place
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.hf_tokenizer import export_tokenizer
 from neox.config.model import ModelConfig
 from neox.model.hf import check_exportable, model_cfg_to_hf_config, to_hf_state_dict

@@ -15,7 +15,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from neox.checkpoint.consolidated import CheckpointError, save_consolidated
+from neox.checkpoint.consolidated import save_consolidated
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.hf_tokenizer import import_tokenizer
 from neox.config.load import load_config
 from neox.model.hf import from_hf_state_dict

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from neox.checkpoint.consolidated import is_consolidated
+from neox.checkpoint.engine_state import check_same_architecture, resolve_load_tag
+from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.gpt_neox import open_gpt_neox_checkpoint
 from neox.config.derive import adopt_padded_vocab_size
 from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved
-from neox.train.checkpoint import CheckpointError, check_same_architecture, resolve_load_tag
 
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "head.weight")
 
@@ -112,7 +113,7 @@ def repad_state(state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Te
 
 
 def repad_full_state(full, rows: int) -> None:
-    """In place: a layout-free FullState (neox/parallel/layout_state.py) with its weights and Adam moments
+    """In place: a layout-free FullState (neox/checkpoint/layout_state.py) with its weights and Adam moments
     re-padded."""
     full.weights = repad_state(full.weights, rows)
     full.moments = {key: repad_state(moment, rows) for key, moment in full.moments.items()}

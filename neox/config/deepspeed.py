@@ -1,6 +1,6 @@
 """The DeepSpeed JSON config, built from a resolved NeoXConfig.
 
-There is no "optimizer" or "scheduler" section: the training loop builds the optimizer (neox/train/optimizer.py)
+There is no "optimizer" or "scheduler" section: the training loop builds the optimizer (neox/optim/)
 and our LR schedule and hands both to deepspeed.initialize. The gpt-neox keys that are DeepSpeed settings go in
 under DeepSpeed's own names: fp32_allreduce is DeepSpeed's communication_data_type fp32 (DeepSpeed 0.19 has no
 fp32_allreduce), the fp16 / bf16 sections lose the spellings only gpt-neox's configs use (fp16.type, fp16.fp16,
@@ -78,6 +78,11 @@ def deepspeed_config(cfg: NeoXConfig, *, cuda_available: bool | None = None) -> 
     elif o.precision == "bfloat16":
         ds["bf16"] = {k: v for k, v in (o.bf16 or {}).items() if k not in _BF16_NEOX_ONLY} | {"enabled": True}
     ds.update(_communication(cfg))
+    if cfg.parallel.shards_sequence and cfg.parallel.pipe_parallel_size >= 1:
+        # DeepSpeed's pipeline splits a stage's output over the tp ranks to send it, and rebuilds it from every
+        # rank's part: right for tp-replicated activations, wrong for sequence shards, which differ per rank (and
+        # are already 1/tp). Each rank sends its own shard whole.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if cfg.log.dump_state:
         ds["dump_state"] = True
     for group, key in _PASS_THROUGH:

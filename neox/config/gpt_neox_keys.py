@@ -161,7 +161,6 @@ MOE = "mixture-of-experts layers (planned: issue 15, 'Mixture of Experts with ex
 POST_TRAINING = "post-training objectives and pairwise datasets (planned: issue 14, 'Post-training: chat SFT, DPO, " \
                 "KTO and reward models')"
 ONLINE_RL = "online reinforcement learning (REINFORCE with a generation server)"
-SEQUENCE_PARALLEL = "Megatron-style sequence parallelism (planned: issue 13)"
 AUTOTUNING = "DeepSpeed autotuning"
 ADLR = "NVIDIA ADLR cluster auto-resume (use preemption instead: SIGTERM/SIGUSR1 checkpoint and exit 75)"
 LAZY_MPU = "lazy model-parallel initialisation for an external DDP manager"
@@ -216,7 +215,6 @@ MISSING_KEYS: dict[str, MissingKey] = {m.key: m for m in [
     MissingKey("online_dataserver_ports", int | list[int], 10000, ONLINE_RL),
     MissingKey("serve_model_weights", bool, False, ONLINE_RL),
     MissingKey("weight_server_port", int | list[int], 6000, ONLINE_RL),
-    MissingKey("sequence_parallel", bool, False, SEQUENCE_PARALLEL),
     MissingKey("autotuning", dict | None, None, AUTOTUNING),
     MissingKey("autotuning_run", str | None, None, AUTOTUNING),
     MissingKey("adlr_autoresume", bool, False, ADLR),

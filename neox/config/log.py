@@ -100,7 +100,9 @@ class LogConfig:
     profile_step_start: int = option(10, "First profiled step (0-based: the step after `start` finished steps).")
     profile_step_stop: int = option(12, "Profiling stops before this step (0-based, exclusive).")
     peak_flops: float | None = option(
-        None, "Peak FLOP/s of one device for MFU; None looks the device up in a built-in table."
+        None, "Peak FLOP/s of one device, MFU's denominator. Unset: on a GPU its datasheet dense peak for 'precision' "
+              "(neox/train/accelerators.py, found by torch.cuda.get_device_name); on the CPU, or a GPU that table "
+              "does not list, a 0.5 s 1024x1024 matmul probe at start. metrics.jsonl records which (mfu_peak_source)."
     )
     steps_per_print: int = option(10, "DeepSpeed's own progress print interval (steps_per_print).")
     wall_clock_breakdown: bool = option(False, "DeepSpeed forward/backward/step timing breakdown.")

@@ -189,8 +189,9 @@ class ModelConfig:
         False,
     )
     use_cpu_initialization: bool = _help(
-        "Initial weights drawn on the CPU then moved; neox always initialises this way (one single-device draw, "
-        "sliced per tensor-parallel rank), so both values give the same weights.",
+        "Initial weights drawn on the CPU then moved; neox always initialises this way (each rank draws only its "
+        "shards of the single-device values, which are drawn in independently seeded tiles), so both values give "
+        "the same weights.",
         False,
     )
 

@@ -1,6 +1,6 @@
 """muP (maximal update parametrisation, Yang et al. 2022) keys, with gpt-neox's names, types and defaults.
 
-The model, init and optimizer pieces live in neox/model/mup.py and neox/train/optimizer.py; the two run modes
+The model, init and optimizer pieces live in neox/model/mup.py and neox/optim/mup.py; the two run modes
 (save_base_shapes, coord_check) in neox/train/mup_modes.py.
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ from neox.config.model import check_model_combinations
 from neox.config.mup import check_mup_combinations
 from neox.config.neox_config import DERIVED_KEYS, KEY_GROUP, NeoXConfig
 from neox.config.optim import sections_precision
+from neox.config.parallel import check_sequence_parallel
 
 _QUOTED = re.compile(r"'([A-Za-z_][\w.]*)'")
 
@@ -53,6 +54,7 @@ def check_combinations(cfg: NeoXConfig) -> None:
     check_train_epochs(cfg)
     check_mup_combinations(cfg)
     check_model_combinations(model, pp, precision)
+    check_sequence_parallel(cfg.parallel, model.seq_length, cfg.data.curriculum_learning)
 
 
 def check_train_epochs(cfg: NeoXConfig) -> None:

@@ -55,19 +55,20 @@ def checkpoint_iteration(checkpoint_dir: Path) -> int | None:
 
 def load_runner(cfg: NeoXConfig, runtime: Runtime) -> tuple[Runner, NeoXConfig, Tokenizer, Path]:
     """The checkpoint at `load` (any training layout: it is consolidated) as the Runner of this launch's layout:
-    whole on every rank when model_parallel_size = 1 and pipe_parallel_size <= 1, else sharded tp x pp ways."""
+    whole on every rank unless the launch is model-parallel, else sharded tp x pp ways as training would cut it."""
     from neox.checkpoint import find_checkpoint, load_model
 
     if cfg.train.load is None:
         raise EvalError("eval needs 'load': the checkpoint directory to evaluate (e.g. --load runs/demo/checkpoints)")
     checkpoint_dir = find_checkpoint(cfg.train.load, cfg.eval.eval_iteration)
     model, ckpt_cfg, tokenizer = load_model(checkpoint_dir, device=runtime.device, dtype=torch.float32)
-    tp, pp = cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size
-    if tp > 1 or pp > 1:
+    par = cfg.parallel
+    if par.is_model_parallel:
         from neox.eval.parallel_runner import ShardedRunner
         from neox.parallel.topology import build_topology
 
-        runner: Runner = ShardedRunner(model, build_topology(tp, pp), tokenizer.vocab_size,
+        runner: Runner = ShardedRunner(model, build_topology(par.model_parallel_size, par.pipe_parallel_size),
+                                       tokenizer.vocab_size, partition_method=par.pipe_partition_method,
                                        max_length=ckpt_cfg.model.seq_length, device=runtime.device)
     else:
         runner = LocalRunner(model, tokenizer.vocab_size, max_length=ckpt_cfg.model.seq_length,

@@ -208,12 +208,13 @@ def decoding_layout(model: GPTNeoX, cfg: NeoXConfig, runtime: Runtime) -> Decodi
     it was trained at), and the data-parallel replicas share out the batches."""
     from neox.generate.parallel_model import ParallelDecoder
 
-    tp, pp = cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size
-    if tp == 1 and pp <= 1:
+    par = cfg.parallel
+    if not par.is_model_parallel:
         return DecodingLayout(ParallelDecoder(model), None, runtime.rank, runtime.world_size)
     from neox.parallel.topology import build_topology
 
-    decoder = ParallelDecoder(model, build_topology(tp, pp))
+    decoder = ParallelDecoder(model, build_topology(par.model_parallel_size, par.pipe_parallel_size),
+                              partition_method=par.pipe_partition_method)
     return DecodingLayout(decoder, TokenSync(decoder.sampling_rank, decoder.replica_group), decoder.replica,
                           decoder.replicas)
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
 from neox.model.cache import KVCache
-from neox.model.init import init_weights
+from neox.model.init import default_init_seed, init_weights
 from neox.model.heads import split_heads
 from neox.model.loss import half_token_cross_entropy, token_cross_entropy
 from neox.model.masks import FULL, Pattern, Visibility
@@ -152,7 +152,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """mask: the forward's Visibility (GPTNeoX._attention_mask), None when attention starts at the first position
         without padding or is a single query."""
-        b, s, _ = x.shape
+        qkv = self.query_key_value(x)
+        # The length the projection sees: under sequence parallelism (neox/parallel) x holds part of the sequence
+        # and the projection gathers the rest.
+        b, s, _ = qkv.shape
         start = cache.length if cache is not None else 0
         if self.flash and x.device.type == "cpu":
             _say_flash_fallback()
@@ -161,10 +164,9 @@ class Attention(nn.Module):
             cos, sin = self.rotary.lookup(position_ids, start, s, x.device, x.dtype)
         if self.qk_norm is None:
             # q [b, heads, s, d], k and v [b, kv_heads, s, d], contiguous, q and k rotated.
-            q, k, v = split_heads(self.query_key_value(x), cos, sin, self.kv_heads, self.group_size, self.head_dim,
-                                  self.rotary_ndims)
+            q, k, v = split_heads(qkv, cos, sin, self.kv_heads, self.group_size, self.head_dim, self.rotary_ndims)
         else:
-            q, k, v = self._normalised_heads(self.query_key_value(x), cos, sin)
+            q, k, v = self._normalised_heads(qkv, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
 
@@ -298,13 +300,17 @@ class Head(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, cfg: ModelConfig, mup: MupSetup | None = None):
+    def __init__(self, cfg: ModelConfig, mup: MupSetup | None = None, init_seed: int | None = None):
         super().__init__()
         cfg.validate()
         if cfg.padded_vocab_size is None:
             raise ConfigError("model key 'padded_vocab_size' is unset: derive it from the tokenizer before "
                               "building the model")
         self.cfg = cfg
+        # The initial values follow from the config and this seed alone (neox/model/init.py). The modules'
+        # constructors draw values that init_weights replaces: the global stream is restored after them.
+        self.init_seed = default_init_seed() if init_seed is None else init_seed
+        stream = torch.random.get_rng_state()
         rotary = None
         if cfg.pos_emb == "rotary":
             rotary = RotaryTable(cfg.rotary_ndims, cfg.rotary_emb_base, cfg.max_positions)
@@ -324,9 +330,12 @@ class GPTNeoX(nn.Module):
         self.activation_checkpoint = partial(checkpoint, use_reentrant=False)
         self.final_norm = make_norm(cfg)
         self.head = Head(cfg)
-        init_weights(self, cfg)
         if not cfg.no_weight_tying:
             self.head.weight = self.embedding.word_embeddings.weight
+        torch.random.set_rng_state(stream)
+        # Any block of any parameter's initial value, from the seed alone: a meta-device build's parameters are
+        # filled from it later, one rank's shards only (neox/parallel/materialize.py).
+        self.init_plan = init_weights(self, cfg, self.init_seed)
         # muP (use_mup): multipliers on the embedding, attention and the final norm's output, and the init scaled.
         self.mup = mup
         self.mup_widths = apply_mup(self, mup) if mup is not None else {}

@@ -15,7 +15,7 @@ What muP changes here, each as gpt-neox does it:
 - readout: the head's input / (width_mult of the head weight * mup_output_temp) (mup.MuReadout, without its
   rescale of the init, which gpt-neox's re-initialisation overwrites). Applied to the final norm's output, which
   every layout's head reads (single device, tensor-parallel, the pipeline's tied head, the decoders).
-The learning rates (MuAdam / MuSGD) are set per parameter in neox/train/optimizer.py:mup_param_groups.
+The learning rates (MuAdam / MuSGD) are set per parameter in neox/optim/mup.py:mup_param_groups.
 """
 from __future__ import annotations
 

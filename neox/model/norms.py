@@ -8,6 +8,19 @@ from torch import nn
 from neox.config.model import ModelConfig
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm; like the norms below it reads its scale and shift through `affine()`, the one thing a
+    parallel layout may change about a norm (neox/parallel/parallelize.py: sequence parallelism sums their gradients
+    over the ranks that each normalise part of the sequence)."""
+
+    def affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.weight, self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.affine()
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, bias: bool):
         super().__init__()
@@ -15,15 +28,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight, self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return out if self.bias is None else out + self.bias
+        weight, bias = self.affine()
+        out = F.rms_norm(x, weight.shape, weight, self.eps)
+        return out if bias is None else out + bias
 
 
 class ScaleNorm(nn.Module):
     """x / max(||x||, eps) * g, one learned scalar g (Nguyen & Salazar, 2019); gpt-neox's parameter name."""
 
-    keeps_own_init = True  # init_weights calls reset_parameters
+    own_init = "norm"  # neox/model/init.py: the gain is 1
 
     def __init__(self, eps: float):
         super().__init__()
@@ -34,8 +51,11 @@ class ScaleNorm(nn.Module):
         with torch.no_grad():
             self.g.fill_(1.0)
 
+    def affine(self) -> tuple[torch.Tensor, None]:
+        return self.g, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=self.eps) * self.g
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=self.eps) * self.affine()[0]
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -44,8 +64,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "scalenorm":
         return ScaleNorm(cfg.scalenorm_epsilon)
     if cfg.norm == "non_parametric_layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, elementwise_affine=False)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
+        return LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, elementwise_affine=False)
+    return LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
 
 
 class QKNorm(nn.Module):
@@ -58,7 +78,7 @@ class QKNorm(nn.Module):
     differ only on a tensor-parallel rank, see neox/parallel/tensor.py); `stat_sum` sums a statistic over those.
     """
 
-    keeps_own_init = True  # init_weights calls reset_parameters: scales 1, biases 0 (a matrix only by shape)
+    own_init = "norm"  # neox/model/init.py: scales 1, biases 0 (the weight is a matrix only by shape)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

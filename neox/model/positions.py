@@ -101,7 +101,7 @@ class RelativePositionBias(nn.Module):
     xavier-normal, looked up per (query, key) bucket and scaled by sqrt(head_dim), added to the attention scores.
     One module serves every layer (gpt-neox hands the same one to each)."""
 
-    keeps_own_init = True  # init_weights calls reset_parameters (xavier-normal, as gpt-neox), not its normal init
+    own_init = "xavier_normal"  # neox/model/init.py draws it so (as gpt-neox), not by the configured init_method
 
     def __init__(self, num_buckets: int, max_distance: int, num_heads: int, head_dim: int):
         super().__init__()

@@ -1,9 +1,9 @@
 """The DeepSpeed engine for a tensor- and/or pipeline-parallel layout, with TrainEngine's interface.
 
 Built in one ordered place: tensor parallelism on the single-device model (a meta-device model is then
-materialised as this rank's shards of the single-device initial values) -> PipelineModule spec (when
-pipe_parallel_size >= 1) -> optimizer over this rank's parameters -> deepspeed.initialize with the grid as mpu
--> gradient-norm clipping that counts tp-replicated and tied parameters once (ZeRO 0).
+materialised as this rank's shards of the single-device initial values, in its pipeline stage's layers only) ->
+PipelineModule spec (when pipe_parallel_size >= 1) -> optimizer over this rank's parameters -> deepspeed.initialize
+with the grid as mpu -> gradient-norm clipping that counts tp-replicated and tied parameters once (ZeRO 0).
 """
 from __future__ import annotations
 
@@ -15,16 +15,12 @@ from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
 from neox.model import GPTNeoX
 from neox.model.mup import widths_by_param
+from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing, reset_after_forward_only
 from neox.parallel.materialize import is_meta, materialize
 from neox.parallel.parallelize import apply_tensor_parallel, install_grad_norm_clipper, lm_loss_fn
-from neox.parallel.pipeline import build_pipeline_module, pipeline_batches
+from neox.parallel.pipeline import build_pipeline_module, pipeline_batches, stage_parameters
 from neox.parallel.topology import Topology
-from neox.train.optimizer import build_optimizer, set_lr
-
-
-def is_model_parallel(topo: Topology) -> bool:
-    return topo.tp_size > 1 or topo.use_pipeline
 
 
 class ParallelTrainEngine:
@@ -33,30 +29,32 @@ class ParallelTrainEngine:
 
         self.topo, self.device = topo, device
         self.model_cfg = cfg.model
-        apply_tensor_parallel(model, topo, row_parallel_head=cfg.model.row_parallel_head)
+        sequence_parallel = cfg.parallel.shards_sequence
+        apply_tensor_parallel(model, topo, row_parallel_head=cfg.model.row_parallel_head,
+                              sequence_parallel=sequence_parallel)
         if is_meta(model):
-            # Built on the meta device: this rank's shards of the single-device initial values, one full
-            # parameter at a time (the full model never exists here).
-            materialize(model, topo)
+            # Built on the meta device: this rank's shards of the single-device initial values, drawn alone (the
+            # full model never exists here); a pipeline stage draws only its own layers, the others stay meta.
+            own = (stage_parameters(model, topo, cfg.parallel.pipe_partition_method) if topo.use_pipeline
+                   else None)
+            materialize(model, topo.tp_rank, topo.tp_size, own)
         # Single-device names by parameter identity: the pipeline stages wrap these very parameters.
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.loss_fn = lm_loss_fn(topo, cfg.model.padded_vocab_size, cfg.model.row_parallel_head,
                                   cfg.model.fp16_lm_cross_entropy)
-        checkpoint_func = install_activation_checkpointing(model, cfg.model, topo)
+        checkpoint_func = install_activation_checkpointing(model, cfg.model, topo, sequence_parallel)
         module: torch.nn.Module = model
         if topo.use_pipeline:
             module = build_pipeline_module(model, topo, self.loss_fn, cfg.parallel.pipe_partition_method,
                                            cfg.model.checkpoint_activations, cfg.model.checkpoint_num_layers,
                                            checkpoint_func)
-        optimizer = build_optimizer(module, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
-                                    cfg.optim.weight_decay, device.type, mup_widths=widths_by_param(model),
-                                    use_bnb_optimizer=cfg.optim.use_bnb_optimizer)
+        optimizer = configured_optimizer(module, cfg.optim, device.type, widths_by_param(model))
         # A PipelineModule carries its own grid (same topology); a plain module gets ours as DeepSpeed's mpu.
         mpu = None if topo.use_pipeline else topo.grid
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
                                                     config=deepspeed_config(cfg), dist_init_required=False)
         self.clipper = None
-        if self.engine.zero_optimization_stage() == 0 and cfg.optim.precision == "fp32":
+        if cfg.optim.zero_stage == 0 and cfg.optim.precision == "fp32":
             self.clipper = install_grad_norm_clipper(self.engine, topo, cfg.optim.gradient_clipping)
 
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,12 @@ embedding -> vocab-parallel head (tied to the embedding shard when weights are t
 output_layer_parallelism 'row' a head split over the hidden dim -> mark tp-replicated parameters (norms, row-parallel
 biases, qk norms, the T5 table) so the gradient norm counts them once. Layers shared by num_unique_layers are
 parallelised once. Works on a meta-device model too (neox/parallel/materialize.py fills it).
+
+sequence_parallel (Megatron-LM's, arXiv 2205.05198) then shards the residual stream along the sequence over the tp
+ranks: the embedding output is split, norms, dropout and residual adds run on this rank's positions, column-parallel
+layers and the head gather, row-parallel layers reduce-scatter (neox/parallel/sequence.py). The replicated
+parameters that then see only this rank's positions (norm scales and shifts, row-parallel biases) get their
+gradients summed over tp, and hidden dropout draws per tp rank: each rank's positions need masks of their own.
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from neox.model import GPTNeoX, causal_lm_loss
 from neox.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 from neox.parallel.tensor import (ColumnParallelLinear, ParallelQKNorm, ParallelRelativePositionBias,
                                   RowParallelHead, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
-                                  mark_parallel, shard_rows, vocab_parallel_lm_loss)
+                                  copy_to_tp, mark_parallel, shard_rows, vocab_parallel_lm_loss)
 from neox.parallel.rng import use_tp_rank_dropout
+from neox.parallel.sequence import scatter_to_sequence
 from neox.parallel.topology import Topology, check_model_divides
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -32,10 +39,13 @@ def _swap(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, new)
 
 
-def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: bool = False) -> GPTNeoX:
+def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: bool = False,
+                          sequence_parallel: bool = False) -> GPTNeoX:
     """In place; returns the model. With tp 1 only the parameter marks are set. row_parallel_head (training with
     output_layer_parallelism 'row', untied head): the head's logits come out whole on every rank, not vocab-sharded
-    (decoders and evaluators, which gather vocab shards, keep the default)."""
+    (decoders and evaluators, which gather vocab shards, keep the default). sequence_parallel: shard the residual
+    stream along the sequence (no effect with tp 1); a training-memory layout, whose parameters are those of plain
+    tensor parallelism, so evaluators and decoders load its checkpoints without it."""
     cfg = model.cfg
     tp, rank, group = topo.tp_size, topo.tp_rank, topo.tp_group
     check_model_divides(cfg, tp, topo.pp_size)
@@ -74,10 +84,63 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: boo
         else:
             head_weight = mark_parallel(nn.Parameter(shard_rows(model.head.weight.data, rank, tp)), True, rank)
             model.head = VocabParallelHead(head_weight, group, embedding.vocab_start)
+        if sequence_parallel:
+            _shard_sequence(model, topo)
     for param in model.parameters():
         if not hasattr(param, "neox_tp_sharded"):
             mark_parallel(param, False, rank)
     return model
+
+
+class _SummedOverTP:
+    """A norm's `affine()` whose gradients are summed over the tp group (copy_to_tp): under sequence parallelism
+    each rank normalises its own positions, so each holds part of the replicated scale's and shift's gradient."""
+
+    def __init__(self, affine: Callable, group):
+        self.affine, self.group = affine, group
+
+    def __call__(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(None if p is None else copy_to_tp(p, self.group) for p in self.affine())
+
+
+def _scatter_output(group, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return scatter_to_sequence(out, group)
+
+
+def _shard_sequence(model: GPTNeoX, topo: Topology) -> None:
+    """Sequence parallelism on a model already tensor-parallelised in place (see the module docstring)."""
+    group = topo.tp_group
+    # The embedding (and its dropout, with the replicated stream's shared masks) runs on the whole sequence.
+    model.embedding.register_forward_hook(partial(_scatter_output, group))
+    norms = [model.final_norm]
+    for block in dict.fromkeys(model.blocks):
+        block_norms = [n for n in (block.input_layernorm, block.post_attention_layernorm) if n is not None]
+        norms += block_norms
+        row_biases = []
+        for module in block.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.sequence_parallel = True
+            if isinstance(module, RowParallelLinear) and module.bias is not None:
+                row_biases.append(module.bias)  # summed over tp in RowParallelLinear's sequence-parallel forward
+        attn = block.attention
+        # Attention runs on the whole sequence of this rank's heads: its qk norm and T5 table keep their own rule.
+        whole_sequence = [m for m in (attn.qk_norm, attn._relative_bias[0]) if m is not None]
+        _check_replicated_covered(block, [p for m in block_norms + whole_sequence for p in m.parameters()]
+                                  + row_biases)
+        use_tp_rank_dropout(block, topo.tp_rank, topo.tp_size)  # hidden dropout on this rank's positions
+    for norm in norms:
+        norm.affine = _SummedOverTP(norm.affine, group)
+    model.head.sequence_parallel = True
+
+
+def _check_replicated_covered(block: nn.Module, covered: list[nn.Parameter]) -> None:
+    """Every parameter a block holds whole on each tp rank must have its gradient made whole: a new one would
+    otherwise train on a fraction of the sequence, on each rank differently."""
+    known = {id(p) for p in covered}
+    left = [n for n, p in block.named_parameters() if not getattr(p, "neox_tp_sharded", False) and id(p) not in known]
+    if left:
+        raise RuntimeError(f"sequence_parallel does not know how to sum the gradients of {left} over the "
+                           "tensor-parallel ranks (neox/parallel/parallelize.py: _shard_sequence)")
 
 
 def lm_loss_fn(topo: Topology, padded_vocab_size: int, row_parallel_head: bool = False,
@@ -135,11 +198,28 @@ class GradNormClipper:
         self._norm = None
 
 
+_NORM_CHUNK = 256
+
+
 def squared_norm(grad: torch.Tensor) -> torch.Tensor:
-    """sum(grad**2) as an fp64 scalar. Not grad.float().norm()**2: torch's CPU norm kernel sums a float32 tensor in
-    one float32 accumulator per lane, 1e-3 relative off on a GPT-2-sized embedding gradient (3.2M entries) and by
-    a size-dependent amount, so a tp shard's error differs from the whole tensor's (pytorch/pytorch#169237)."""
-    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float64) ** 2
+    """sum(grad**2) as an fp64 scalar, accurate to a few 1e-8 relative at any size.
+
+    Not grad.float().norm()**2: torch's CPU norm kernel sums a float32 tensor in one float32 accumulator per lane,
+    1e-3 relative off on a GPT-2-sized embedding gradient (3.2M entries) and by a size-dependent amount, so a tp
+    shard's error differs from the whole tensor's (pytorch/pytorch#169237). Not vector_norm(dtype=float64) either:
+    it converts the whole tensor to fp64 first (218 ms for 25M entries on one core, 70x the fp32 norm). Norms of
+    256-entry chunks in fp32 (few enough additions per lane to stay exact to ~3e-8), squared and summed in fp64,
+    cost ~2.7x the plain fp32 norm.
+    """
+    flat = grad.detach().reshape(-1)
+    whole = flat.numel() // _NORM_CHUNK * _NORM_CHUNK
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    if whole:
+        chunks = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_CHUNK), dim=1, dtype=torch.float32)
+        total = total + chunks.double().square().sum()
+    if whole < flat.numel():
+        total = total + torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).double().square()
+    return total
 
 
 def install_grad_norm_clipper(engine, topo: Topology | None, max_norm: float) -> GradNormClipper:

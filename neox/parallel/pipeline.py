@@ -1,10 +1,12 @@
 """The (tensor-parallelised) GPTNeoX as a DeepSpeed PipelineModule: embedding, N blocks, final norm, head.
 
 Each LayerSpec wraps a module of an already built GPTNeoX, so every layout starts from the weights a single
-device would have; a stage keeps only its own layers. Activations between stages are (hidden, position_ids);
-the first stage reads (tokens, position_ids) and the last stage's loss reads (labels, loss_mask). With tied
-embeddings the head is a TiedLayerSpec on the embedding: DeepSpeed keeps one copy per owning stage, sums the
-tied gradient over them and marks the non-first copy `ds_pipe_replicated` (counted once in the norm).
+device would have; a stage keeps only its own layers. A meta-device model is initialised only in those
+(`stage_parameters`: the cut is known before DeepSpeed makes it), the other layers stay on the meta device.
+Activations between stages are (hidden, position_ids); the first stage reads (tokens, position_ids) and the last
+stage's loss reads (labels, loss_mask). With tied embeddings the head is a TiedLayerSpec on the embedding:
+DeepSpeed keeps one copy per owning stage, sums the tied gradient over them and marks the non-first copy
+`ds_pipe_replicated` (counted once in the norm).
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neox.model import GPTNeoX
 from neox.parallel.parallelize import LossFn
-from neox.parallel.tensor import copy_to_tp
+from neox.parallel.stages import partition_layers
+from neox.parallel.tensor import column_linear
 from neox.parallel.topology import Topology
 
 TIED_KEY = "word_embeddings"
@@ -65,10 +67,10 @@ class HeadPipe(nn.Module):
         return self.head(hidden)
 
 
-def _tied_head_forward(tp_group, module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    # The embedding's (vocab-sharded) table used as the output projection.
-    weight = module.embedding.word_embeddings.weight
-    return F.linear(copy_to_tp(hidden, tp_group), weight)
+def _tied_head_forward(tp_group, sequence_parallel: bool, module: EmbeddingPipe,
+                       hidden: torch.Tensor) -> torch.Tensor:
+    # The embedding's (vocab-sharded) table used as the output projection, as VocabParallelHead uses it.
+    return column_linear(hidden, module.embedding.word_embeddings.weight, None, tp_group, sequence_parallel)
 
 
 class PipeLoss:
@@ -87,14 +89,10 @@ def _checkpoint_without_reentry(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
 
 
-def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, partition_method: str,
-                          checkpoint_activations: bool, checkpoint_num_layers: int = 1,
-                          checkpoint_func: Callable | None = None):
-    """Collective. `model` must already be tensor-parallelised (apply_tensor_parallel). With checkpoint_activations,
-    runs of checkpoint_num_layers layers of a stage are recomputed together by checkpoint_func (DeepSpeed's, from
-    neox/parallel/activation_checkpoint.py, or None for torch's); a run holding a non-transformer layer (the
-    embedding, the final norm, the head) is not recomputed, as DeepSpeed decides."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+def pipeline_layers(model: GPTNeoX, topo: Topology) -> list:
+    """The layer specs of the pipeline: embedding, blocks, final norm, head (a TiedLayerSpec on the embedding when
+    the weights are tied). Each wraps a module of `model` (which may still be on the meta device)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     tied = model.head.weight is model.embedding.word_embeddings.weight
     if tied:
@@ -105,14 +103,55 @@ def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, parti
     specs.append(LayerSpec(FinalNormPipe, model.final_norm))
     if tied:
         specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, model.embedding, tied_weight_attr=TIED_WEIGHT,
-                                   forward_fn=partial(_tied_head_forward, topo.tp_group)))
+                                   forward_fn=partial(_tied_head_forward, topo.tp_group,
+                                                      getattr(model.head, "sequence_parallel", False))))
     else:
         specs.append(LayerSpec(HeadPipe, model.head))
-    return PipelineModule(layers=specs, topology=topo.ds_topology, loss_fn=PipeLoss(lm_loss),
-                          partition_method=partition_method,
-                          activation_checkpoint_interval=checkpoint_num_layers if checkpoint_activations else 0,
-                          activation_checkpoint_func=checkpoint_func or _checkpoint_without_reentry,
-                          checkpointable_layers=["TransformerLayerPipe"])
+    return specs
+
+
+def stage_bounds(specs: list, stages: int, partition_method: str) -> list[int]:
+    """[0, b1, ..., len(specs)]: the layers of each stage, as PipelineModule will cut them."""
+    def counts() -> list[int]:  # PipelineModule._count_layer_params: a built layer's trainable parameters
+        return [sum(p.numel() for p in spec.build().parameters() if p.requires_grad) for spec in specs]
+
+    return partition_layers([spec.typename.__name__ for spec in specs], counts, stages, partition_method)
+
+
+def stage_parameters(model: GPTNeoX, topo: Topology, partition_method: str) -> list[nn.Parameter]:
+    """The parameters of this rank's pipeline stage (a tied embedding on the first and the last stage)."""
+    specs = pipeline_layers(model, topo)
+    bounds = stage_bounds(specs, topo.pp_size, partition_method)
+    own = specs[bounds[topo.pp_rank]:bounds[topo.pp_rank + 1]]
+    return list(dict.fromkeys(p for spec in own for p in spec.build().parameters()))
+
+
+def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, partition_method: str,
+                          checkpoint_activations: bool, checkpoint_num_layers: int = 1,
+                          checkpoint_func: Callable | None = None):
+    """Collective. `model` must already be tensor-parallelised (apply_tensor_parallel), and this stage's layers
+    (stage_parameters) real: the others may stay on the meta device. With checkpoint_activations,
+    runs of checkpoint_num_layers layers of a stage are recomputed together by checkpoint_func (DeepSpeed's, from
+    neox/parallel/activation_checkpoint.py, or None for torch's); a run holding a non-transformer layer (the
+    embedding, the final norm, the head) is not recomputed, as DeepSpeed decides."""
+    from deepspeed.pipe import PipelineModule
+
+    specs = pipeline_layers(model, topo)
+    bounds = stage_bounds(specs, topo.pp_size, partition_method)
+    mismatch = (f"neox/parallel/stages.py cut the pipeline at {bounds}, DeepSpeed elsewhere: stage {topo.pp_rank} "
+                "holds layers it did not initialise; align partition_layers with this DeepSpeed version's "
+                "PipelineModule._partition_layers")
+    try:
+        module = PipelineModule(layers=specs, topology=topo.ds_topology, loss_fn=PipeLoss(lm_loss),
+                                partition_method=partition_method,
+                                activation_checkpoint_interval=checkpoint_num_layers if checkpoint_activations else 0,
+                                activation_checkpoint_func=checkpoint_func or _checkpoint_without_reentry,
+                                checkpointable_layers=["TransformerLayerPipe"])
+    except NotImplementedError as err:  # moving a layer still on the meta device to the device
+        raise RuntimeError(f"{mismatch} ({err})") from err
+    if [int(b) for b in module.partitions()] != bounds:
+        raise RuntimeError(f"{mismatch} (DeepSpeed's cut: {list(module.partitions())})")
+    return module
 
 
 def pipeline_batches(loader: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[tuple, tuple]]:

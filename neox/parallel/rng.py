@@ -5,7 +5,8 @@ Two kinds of dropout need two kinds of stream:
   all tp ranks of a replica, or the replicas of one activation drift apart: the default torch stream, seeded
   identically on those ranks by `dropout_seed`;
 - attention dropout acts on this tp rank's own heads, so its mask must differ between tp ranks (with one shared
-  stream, head h of rank 1 would get exactly the mask of head h of rank 0): `tp_rank_stream`.
+  stream, head h of rank 1 would get exactly the mask of head h of rank 0): `tp_rank_stream`. So does hidden
+  dropout under sequence parallelism, which acts on this rank's own positions.
 
 Megatron keeps the second stream in a tracker whose state must be checkpointed and restored by activation
 recomputation. Here each attention call instead takes one draw from the default stream (the same on every tp

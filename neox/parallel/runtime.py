@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
+from neox.parallel import rank_status
 from neox.parallel.launcher_env import torch_rank_env
+
+
+_C10D_LOG_LINE = re.compile(r"\[[EWI]\d{4} \d\d:\d\d")  # "[E1206 18:15:06.260 socket.cpp:1028] ..."
+
+
+class RendezvousError(RuntimeError):
+    """This rank could not join the process group: what it waited for, where, and for how long."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,7 @@ def init_runtime(backend: str | None = None, timeout_minutes: float = 10.0) -> R
     """Join the process group (or make a world of one) and pick this rank's device."""
     import deepspeed
 
-    # Written back to the environment: DeepSpeed's comm layer reads these variables too.
-    os.environ.update(torch_rank_env(os.environ))
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    rank_from_environment()
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available()
     if cuda:
@@ -64,9 +71,55 @@ def init_runtime(backend: str | None = None, timeout_minutes: float = 10.0) -> R
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        _join(deepspeed, backend, timeout)
     return Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                    local_rank=local_rank, device=device)
+
+
+def rank_from_environment() -> int:
+    """This rank's index, from whichever launcher started it. RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT are written back to the environment: DeepSpeed's comm layer reads them too."""
+    os.environ.update(torch_rank_env(os.environ))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    return int(os.environ["RANK"])
+
+
+def _join(deepspeed, backend: str, timeout: datetime.timedelta) -> None:
+    """The rendezvous (rank 0 hosts a TCP store at MASTER_ADDR:MASTER_PORT, the others connect to it), bounded by
+    timeout; a failure names what this rank waited for, for how long, and the likely cause."""
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    where = f"the rendezvous with {address} ({os.environ['WORLD_SIZE']} ranks)"
+    rank_status.enter(where)
+    started = time.monotonic()
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    except RuntimeError as err:  # torch's DistError family, and gloo's own errors while the groups connect
+        raise RendezvousError(
+            f"rank {os.environ['RANK']}: {where} failed after {time.monotonic() - started:.0f} s "
+            f"(distributed_timeout_minutes {timeout.total_seconds() / 60:g}): {_message_of(err)}. "
+            f"{_rendezvous_hint(str(err), address)}".rstrip()) from err
+    rank_status.enter("joined the process group; setting up")
+
+
+def _message_of(error: BaseException) -> str:
+    # torch appends its C++ stack, and log lines glued to the message, to a store error: the first sentence says it.
+    lines = str(error).strip().splitlines()
+    text = _C10D_LOG_LINE.split(lines[0], 1)[0].rstrip(" .") if lines else ""
+    return text or type(error).__name__
+
+
+def _rendezvous_hint(text: str, address: str) -> str:
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"Another process listens on {address} (another job, or ranks of an earlier launch still running): "
+                "pick a free master_port")
+    if "waiting for clients" in text:
+        return ("Not every rank connected: some did not start, hung before the rendezvous or were given another "
+                "master_addr/master_port (deepy's failure report says where each rank was)")
+    if "trying to connect" in text or "Connection refused" in text:
+        return (f"Rank 0 did not answer at {address}: it did not start, failed, or listens at another "
+                "master_addr/master_port")
+    return ""
 
 
 def _free_port() -> int:

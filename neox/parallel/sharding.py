@@ -61,15 +61,24 @@ def tp_split_dim(param_name: str, overrides: Overrides | None = None) -> int | N
     return None
 
 
-def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int,
-                 overrides: Overrides | None = None) -> torch.Tensor:
+def shard_index(name: str, shape: tuple[int, ...], tp_rank: int, tp_size: int,
+                overrides: Overrides | None = None) -> tuple[slice, ...]:
+    """Where this tp rank's shard sits in the full tensor of this name and shape: one slice per dim."""
+    index = [slice(None)] * len(shape)
     dim = tp_split_dim(name, overrides)
     if dim is None or tp_size == 1:
-        return full.clone()
-    if full.shape[dim] % tp_size:
-        raise ShardingError(f"{name}: dim {dim} of size {full.shape[dim]} does not split into {tp_size} "
+        return tuple(index)
+    if shape[dim] % tp_size:
+        raise ShardingError(f"{name}: dim {dim} of size {shape[dim]} does not split into {tp_size} "
                             "tensor-parallel shards")
-    return full.chunk(tp_size, dim=dim)[tp_rank].clone()
+    size = shape[dim] // tp_size
+    index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return tuple(index)
+
+
+def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int,
+                 overrides: Overrides | None = None) -> torch.Tensor:
+    return full[shard_index(name, tuple(full.shape), tp_rank, tp_size, overrides)].clone()
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,

@@ -5,6 +5,10 @@ backward) where a replicated activation enters sharded weights, and `reduce_from
 identity backward) where partial results leave them. Each layer is made from the single-device layer's full
 weight and keeps only this rank's slice, so a parallel model starts bit-identical to the single-device one.
 Small per-head tables (qk norm, T5 bias) stay whole on every rank and are sliced per use (`local_heads`).
+
+With `sequence_parallel` set (by neox/parallel/parallelize.py) the activations outside the matrices hold only this
+rank's positions of the sequence: column-parallel layers and the heads gather them first, row-parallel layers
+reduce-scatter their output instead of all-reducing it (neox/parallel/sequence.py).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from neox.model.norms import QKNorm
 from neox.model.positions import RelativePositionBias
+from neox.parallel.sequence import gather_from_sequence, gathered_linear, reduce_scatter_to_sequence
 
 
 def _world(group) -> int:
@@ -54,6 +59,15 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if _world(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
+def column_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                  sequence_parallel: bool) -> torch.Tensor:
+    """A column-parallel matrix (this rank's output rows) on the whole activation: replicated on every tp rank, or
+    gathered from the ranks' sequence shards."""
+    if sequence_parallel:
+        return gathered_linear(x, weight, bias, group)
+    return F.linear(copy_to_tp(x, group), weight, bias)
+
+
 def shard_rows(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     rows = t.shape[0] // size
     return t[rank * rows : (rank + 1) * rows].clone()
@@ -79,6 +93,8 @@ def mark_parallel(param: nn.Parameter, sharded: bool, tp_rank: int, split_dim: i
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T + b_local, W split along its output rows; the output stays sharded."""
 
+    sequence_parallel = False
+
     def __init__(self, full: nn.Linear, group, tp_rank: int, tp_size: int):
         super().__init__()
         self.group = group
@@ -87,11 +103,13 @@ class ColumnParallelLinear(nn.Module):
                      else mark_parallel(nn.Parameter(shard_rows(full.bias.data, tp_rank, tp_size)), True, tp_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return column_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum_ranks x_local W_local^T + b, W split along its input columns; the bias is replicated."""
+
+    sequence_parallel = False
 
     def __init__(self, full: nn.Linear, group, tp_rank: int, tp_size: int):
         super().__init__()
@@ -100,8 +118,12 @@ class RowParallelLinear(nn.Module):
         self.bias = None if full.bias is None else mark_parallel(nn.Parameter(full.bias.data.clone()), False, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce_from_tp(F.linear(x, self.weight), self.group)
-        return out if self.bias is None else out + self.bias
+        if not self.sequence_parallel:
+            out = reduce_from_tp(F.linear(x, self.weight), self.group)
+            return out if self.bias is None else out + self.bias
+        out = reduce_scatter_to_sequence(F.linear(x, self.weight), self.group)
+        # The bias meets only this rank's positions: copy_to_tp sums its gradient over the ranks.
+        return out if self.bias is None else out + copy_to_tp(self.bias, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -124,6 +146,8 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelHead(nn.Module):
     """Logits for this rank's vocabulary slice only; the weight may be the vocab-parallel embedding's (tied)."""
 
+    sequence_parallel = False
+
     def __init__(self, weight: nn.Parameter, group, vocab_start: int):
         super().__init__()
         self.group = group
@@ -131,7 +155,7 @@ class VocabParallelHead(nn.Module):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight)
+        return column_linear(x, self.weight, None, self.group, self.sequence_parallel)
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
@@ -247,6 +271,8 @@ class RowParallelHead(nn.Module):
     of the hidden state by its columns of the weight, the partial logits are summed over tp, so every rank holds the
     full logits (a plain cross entropy follows)."""
 
+    sequence_parallel = False
+
     def __init__(self, full_weight: torch.Tensor, group, tp_rank: int, tp_size: int):
         super().__init__()
         self.group, self.tp_rank, self.tp_size = group, tp_rank, tp_size
@@ -254,5 +280,12 @@ class RowParallelHead(nn.Module):
                                     split_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = _ScatterToTP.apply(x, self.group, self.tp_rank, self.tp_size) if self.tp_size > 1 else x
+        if self.sequence_parallel:
+            # This rank's hidden columns of every position: a plain slice, whose gradient (zero outside the
+            # columns) the gather's reduce-scatter sums over the ranks. Copied, so the full gather is not kept.
+            local = gather_from_sequence(x, self.group).chunk(self.tp_size, dim=-1)[self.tp_rank].contiguous()
+        elif self.tp_size > 1:
+            local = _ScatterToTP.apply(x, self.group, self.tp_rank, self.tp_size)
+        else:
+            local = x
         return reduce_from_tp(F.linear(local, self.weight), self.group)

@@ -18,10 +18,15 @@ plus one block recomputed during backward. The last stage adds the final norm, t
 keeps (neox/model/loss.py: the logits and their gradient; with tp, vocab_parallel_cross_entropy's fp32
 temporaries). A pipeline stage holds min(stages - stage index, gradient accumulation) micro-batches
 in flight (1F1B schedule) and a send and a receive buffer per micro-batch.
+sequence_parallel (tp > 1) divides the tp-replicated terms by tp, as Megatron-LM's 2205.05198 divides its 10sbh of
+LayerNorm and dropout activations: block inputs and norm outputs (column-parallel layers keep only this rank's
+positions and gather them again in backward), the checkpointed block inputs, the pipeline buffers and the final
+norm's tensors; the tp-split terms and the logits stay as they are. Without it, partition_activations divides the
+checkpointed block inputs alone by tp.
 The peak is the largest of the model build (dp-only: the whole fp32 model on every rank; with tp/pp: the rank's
-tp shards, filled in one full parameter at a time from a meta-device model), the forward peak (states, gradients still held, activations), the step
+tp shards of its stage's layers, drawn alone from a meta-device model), the forward peak (states, gradients still held, activations), the step
 after backward (states and all gradients) and a checkpoint save, which adds an fp32 copy of the rank's parameters
-and Adam moments (the layout-free copy, neox/parallel/layout_state.py) to the states.
+and Adam moments (the layout-free copy, neox/checkpoint/layout_state.py) to the states.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Activations:
     with_checkpointing: int
     without_checkpointing: int
     loss_block: int  # final norm, logits and the loss's tensors (last stage; included in the two above)
+    sequence_parallel: bool  # the replicated terms are this rank's 1/tp of the sequence
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,12 @@ class RankMemory:
     optimizer: int
     buffers: int
     activations: Activations
+    # With tp > 1: the same stage's activations with sequence_parallel flipped, for the plan to show what it saves.
+    activations_other_sp: Activations | None
     checkpoint_activations: bool
     framework: int
     save_copy: int  # transient during a checkpoint save
-    model_build: int  # every rank first builds the whole single-device model in fp32, then keeps its shard
+    model_build: int  # host memory of building the model: the whole fp32 model (dp-only) or the rank's fp32 shards
 
     @property
     def activation_bytes(self) -> int:
@@ -98,7 +106,7 @@ class RankMemory:
         return max(phases, key=phases.get)
 
 
-def layer_activation_elements(m: ModelConfig, tp: int) -> float:
+def layer_activation_elements(m: ModelConfig, tp: int, sequence_parallel: bool = False) -> float:
     """Saved elements per token per hidden unit of one block without checkpointing (see the module docstring)."""
     kv = m.kv_heads / m.num_attention_heads
     mlp_ratio = m.mlp_inner_size / m.hidden_size
@@ -108,17 +116,24 @@ def layer_activation_elements(m: ModelConfig, tp: int) -> float:
     attention = (1 + 2 * kv) + 2.0  # SDPA's q, k, v; its output and the re-laid-out output
     # plain: input projection and activation output; gated: gate, activation output, linear1 output, product
     mlp = (4.0 if m.gated_mlp else 2.0) * mlp_ratio
-    return replicated + (attention + mlp) / tp
+    return replicated / (tp if sequence_parallel else 1) + (attention + mlp) / tp
 
 
-def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int) -> Activations:
+def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int,
+                      sequence_parallel: bool | None = None) -> Activations:
+    """sequence_parallel None: as the config says."""
     m, t = cfg.model, cfg.train
+    sp = (cfg.parallel.sequence_parallel if sequence_parallel is None else sequence_parallel) and tp > 1
     a = DTYPE_BYTES[cfg.optim.precision]
     tokens = t.train_micro_batch_size_per_gpu * m.seq_length
     th = tokens * m.hidden_size
-    per_layer = layer_activation_elements(m, tp)
+    shard_th = th / tp if sp else th  # a tp-replicated [tokens, hidden] activation, or this rank's sequence shard
+    # DeepSpeed's partition_activations keeps 1/tp of each checkpointed block input (sequence_parallel already does).
+    partitioned = m.partition_activations and m.deepspeed_activation_checkpointing and tp > 1
+    checkpoint_th = th / tp if partitioned else shard_th
+    per_layer = layer_activation_elements(m, tp, sp)
     in_flight = min(pp - stage.index, t.gradient_accumulation_steps) if pp > 1 else 1
-    pipe_buffers = 2 * th * a if pp > 1 else 0
+    pipe_buffers = 2 * shard_th * a if pp > 1 else 0
     full = stage.blocks * per_layer * th * a
     recompute = per_layer * th * a if stage.blocks else 0  # one block at a time, whatever is in flight
     loss_block = 0
@@ -130,14 +145,15 @@ def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int) -> 
         else:
             # vocab_parallel_cross_entropy: an fp32 copy, the saved exp(shifted), two fp32 gradients, the cast back.
             per_logit = a + 3 * FP32 + (FP32 if a != FP32 else 0) + a
-        loss_block = 2 * th * a + logits * per_logit  # + the final norm's input and output
-    with_ckpt = in_flight * (stage.blocks * th * a + pipe_buffers) + recompute
+        loss_block = 2 * shard_th * a + logits * per_logit  # + the final norm's input and output
+    with_ckpt = in_flight * (stage.blocks * checkpoint_th * a + pipe_buffers) + recompute
     return Activations(
         per_layer_elements=per_layer,
         in_flight=in_flight,
         with_checkpointing=int(with_ckpt + loss_block),
         without_checkpointing=int(in_flight * (full + pipe_buffers) + loss_block),
         loss_block=int(loss_block),
+        sequence_parallel=sp,
     )
 
 
@@ -195,24 +211,27 @@ def rank_memory(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int, dp: int, 
         optimizer=optimizer,
         buffers=buffers,
         activations=stage_activations(cfg, stage, tp, pp),
+        activations_other_sp=(stage_activations(cfg, stage, tp, pp, not cfg.parallel.sequence_parallel)
+                              if tp > 1 else None),
         checkpoint_activations=cfg.model.checkpoint_activations,
         framework=framework_bytes,
         save_copy=save_copy_bytes(cfg, p, on_gpu),
-        model_build=0 if on_gpu else model_build_bytes(cfg, total_params, tp, pp),  # GPU: the build is in host RAM
+        model_build=0 if on_gpu else model_build_bytes(cfg, p, total_params, tp, pp),  # GPU: the build is in host RAM
     )
 
 
-def model_build_bytes(cfg: NeoXConfig, total_params: int, tp: int, pp: int) -> int:
+def model_build_bytes(cfg: NeoXConfig, rank_params: int, total_params: int, tp: int, pp: int) -> int:
     """Host memory of building the model on a rank (neox/train/run.py). dp-only: the whole fp32 model. With tp or pp
-    the model is built on the meta device and each rank fills in its tp shard of every layer (DeepSpeed's pipeline
-    module holds all layers until it is partitioned), one full parameter at a time (neox/parallel/materialize.py):
-    the shards plus about two copies of the largest parameter (the embedding, unless an MLP matrix is larger)."""
+    the model is built on the meta device and each rank draws only its tp shards of its own stage's layers
+    (rank_params; neox/parallel/materialize.py), a 128 x 128 tile at a time, except that an orthogonal init draws a
+    whole matrix at a time: then about two copies of the largest one (the matrix and its QR) come on top."""
     if tp * max(pp, 1) == 1:
         return FP32 * total_params
     m = cfg.model
+    orthogonal = {m.init_method, m.output_layer_init_method} & {"orthogonal", "scaled_orthogonal"}
     largest = max(m.padded_vocab_size * m.hidden_size, 3 * m.hidden_size * m.hidden_size,
                   m.mlp_inner_size * m.hidden_size)
-    return FP32 * (-(-total_params // tp) + 2 * largest)
+    return FP32 * (rank_params + (2 * largest if orthogonal else 0))
 
 
 def save_copy_bytes(cfg: NeoXConfig, params: int, on_gpu: bool) -> int:

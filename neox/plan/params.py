@@ -9,11 +9,11 @@ class name matches and 0 otherwise (partition_balanced); 'uniform' the layer cou
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
+from neox.parallel.stages import partition_layers
 
 # Class names of the pipeline's layers, which 'type:REGEX' partitioning matches (case-insensitive).
 EMBEDDING_LAYER = "EmbeddingPipe"
@@ -120,19 +120,6 @@ def model_params(m: ModelConfig, tp: int, pp: int, partition_method: str) -> Mod
 
 
 def partition(layers: list[LayerParams], parts: int, method: str) -> list[int]:
-    """Stage boundaries [0, b1, ..., len(layers)], from DeepSpeed's own partitioning functions."""
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
-    if method == "uniform":
-        return list(partition_uniform(len(layers), parts))
-    if method == "parameters":
-        weights = [layer.per_tp_rank for layer in layers]
-    elif method.startswith("type:"):
-        pattern = re.compile(method[5:], re.IGNORECASE)
-        weights = [1 if pattern.search(layer.kind) else 0 for layer in layers]
-        if sum(weights) == 0:
-            raise ConfigError(f"'pipe_partition_method' {method!r} matches no layer "
-                              f"({EMBEDDING_LAYER}, {BLOCK_LAYER}, {NORM_LAYER}, {HEAD_LAYER})")
-    else:
-        raise ConfigError(f"'pipe_partition_method' is {method!r}; use 'parameters', 'uniform' or 'type:REGEX'")
-    return [int(b) for b in partition_balanced(weights, parts)]
+    """Stage boundaries [0, b1, ..., len(layers)], cut as DeepSpeed's PipelineModule cuts them."""
+    return partition_layers([layer.kind for layer in layers], lambda: [layer.per_tp_rank for layer in layers],
+                            parts, method)

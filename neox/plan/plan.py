@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from neox.config.derive import detect_local_gpus
 from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
-from neox.plan.accelerators import Accelerator, find_accelerator, peak_for
+from neox.train.accelerators import Accelerator, find_accelerator, peak_for
 from neox.plan.baseline import Baseline, gpu_baseline, measure_cpu_baseline
 from neox.plan.memory import RankMemory, rank_memory
 from neox.plan.params import ModelParams, model_params
@@ -19,7 +19,7 @@ MB = 1024 ** 2
 
 @dataclass(frozen=True)
 class PlanOptions:
-    accelerator: str | None = None  # a name from neox/plan/accelerators.py; None plans for this machine's CPU
+    accelerator: str | None = None  # a name from neox/train/accelerators.py; None plans for this machine's CPU
     mfu: float = DEFAULT_MFU
     nodes: int | None = None  # hypothetical node count (the plan writes no hostfile to disk for the run)
     baseline_mb: float | None = None  # per-rank framework memory to use instead of measuring it

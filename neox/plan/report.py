@@ -83,10 +83,11 @@ def _memory_table(plan: Plan) -> list[str]:
         (f"activations, not checkpointed{'' if ckpt else ' (config)'}",
          [r.activations.without_checkpointing for r in ranks]),
         ("  of which logits + loss (last stage)", [r.activations.loss_block for r in ranks]),
+        *_sequence_parallel_rows(ranks, ckpt),
         ("framework (see below)", [r.framework for r in ranks]),
     ]
     if any(r.model_build for r in ranks):
-        rows.append(("model build (whole fp32 model)", [r.model_build for r in ranks]))
+        rows.append(("model build (fp32)", [r.model_build for r in ranks]))
     if any(r.save_copy for r in ranks):
         rows.append(("checkpoint save copy (fp32 + moments)", [r.save_copy for r in ranks]))
     lines = [head, f"  {'layers (embedding + blocks + head)':<42}" + "".join(f"{x:>12}" for x in layers),
@@ -100,13 +101,40 @@ def _memory_table(plan: Plan) -> list[str]:
     verdict = "fits" if big.peak <= plan.capacity_bytes else "DOES NOT FIT"
     lines.append(f"largest rank: stage {big.stage}, {gib(big.peak)} at the {big.peak_phase} of "
                  f"{gib(plan.capacity_bytes)} ({plan.capacity_source}): {verdict}")
+    lines += _sequence_parallel_summary(big)
     lines.append(f"framework: {gib(plan.baseline.bytes)}, {plan.baseline.how}")
     if plan.accelerator is not None:
         par = plan.cfg.parallel
-        build = model_build_bytes(plan.cfg, plan.params.total, par.model_parallel_size, par.pipe_parallel_size)
+        build = model_build_bytes(plan.cfg, plan.params.largest_stage.params, plan.params.total,
+                                  par.model_parallel_size, par.pipe_parallel_size)
         per_node = plan.cfg.derived.world_size // max(plan.cfg.derived.node_count, 1)
         how = ("the whole fp32 model" if par.model_parallel_size * max(par.pipe_parallel_size, 1) == 1 else
-               "its fp32 tp shards of every layer, one full parameter at a time from a meta-device model")
+               "only its fp32 tp shards of its stage's layers, drawn alone into a meta-device model")
         lines.append(f"host RAM at start-up: each rank builds {how}: {gib(build)} per rank, "
                      f"{gib(build * per_node)} per node of {per_node}")
     return lines
+
+
+def _activation_bytes(activations, checkpointed: bool) -> int:
+    return activations.with_checkpointing if checkpointed else activations.without_checkpointing
+
+
+def _sequence_parallel_rows(ranks: tuple[RankMemory, ...], ckpt: bool) -> list[tuple[str, list[int]]]:
+    """With tp > 1: the activations (in the configured checkpointing mode) had sequence_parallel the other value."""
+    if ranks[0].activations_other_sp is None:
+        return []
+    other = "off" if ranks[0].activations.sequence_parallel else "on"
+    return [(f"  activations with sequence_parallel {other}", [_activation_bytes(r.activations_other_sp, ckpt)
+                                                             for r in ranks])]
+
+
+def _sequence_parallel_summary(big: RankMemory) -> list[str]:
+    if big.activations_other_sp is None:
+        return []
+    ckpt = big.checkpoint_activations
+    mine, other = big.activations, big.activations_other_sp
+    with_sp, without = (mine, other) if mine.sequence_parallel else (other, mine)
+    saved = _activation_bytes(without, ckpt) - _activation_bytes(with_sp, ckpt)
+    return [f"sequence_parallel {'on' if mine.sequence_parallel else 'off'}: stage {big.stage}'s activations are "
+            f"{gib(_activation_bytes(with_sp, ckpt))} with it, {gib(_activation_bytes(without, ckpt))} without "
+            f"(it saves {gib(saved)} per rank)"]

@@ -19,7 +19,7 @@ from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
 from neox.model import GPTNeoX, causal_lm_loss
 from neox.model.mup import MupSetup, widths_by_param
-from neox.train.optimizer import build_optimizer, param_groups, set_lr
+from neox.optim import build_optimizer, param_groups, set_lr
 
 FIELDS = ("parametrization", "width", "module", "t", "l1")
 

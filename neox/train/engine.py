@@ -13,9 +13,9 @@ from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
 from neox.model import causal_lm_loss
 from neox.model.mup import widths_by_param
+from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing
 from neox.parallel.parallelize import install_grad_norm_clipper
-from neox.train.optimizer import build_optimizer, set_lr
 
 
 class TrainEngine:
@@ -24,15 +24,13 @@ class TrainEngine:
     def __init__(self, cfg: NeoXConfig, model: torch.nn.Module, device: torch.device):
         import deepspeed
 
-        optimizer = build_optimizer(model, cfg.optim.optimizer["type"], cfg.optim.optimizer["params"],
-                                    cfg.optim.weight_decay, device.type, mup_widths=widths_by_param(model),
-                                    use_bnb_optimizer=cfg.optim.use_bnb_optimizer)
+        optimizer = configured_optimizer(model, cfg.optim, device.type, widths_by_param(model))
         self.device = device
         self.half_precision_loss = cfg.model.fp16_lm_cross_entropy
         install_activation_checkpointing(model, cfg.model, None)  # gpt-neox's DeepSpeed checkpointing keys
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg), dist_init_required=False)
-        stage = self.engine.zero_optimization_stage()
+        stage = cfg.optim.zero_stage
         if stage == 0 and self.engine.dp_world_size == 1:
             # Without ZeRO DeepSpeed all-reduces every gradient through flat buffers even in a data-parallel
             # world of one: two full copies of the gradients per step (0.4 s of a 2.8 s step at 70M parameters

@@ -1,16 +1,21 @@
 """Fault injection, to try the failure handling of a launch (ours, or a cluster's requeue rules) on purpose.
 
 NEOX_FAULT_RAISE_AT="RANK:ITERATION" makes that rank raise InjectedFault right after that training iteration;
-the other ranks run on into their next collective and find the rank gone. Unset (always, outside such a test),
-nothing happens. deepy passes its environment to the ranks it starts on its own node; for ranks on other nodes put
-the variable in the DeepSpeed env file (.deepspeed_env).
+the other ranks run on into their next collective and find the rank gone.
+NEOX_FAULT_HANG_BEFORE_RENDEZVOUS=RANK makes that rank stop just before it joins the process group, alive and silent
+until killed (a rank stuck on its way up): the others time out in the rendezvous.
+Unset (always, outside such a test), nothing happens. deepy passes its environment to the ranks it starts on its own
+node; for ranks on other nodes put the variables in the DeepSpeed env file (.deepspeed_env).
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 ENV_VAR = "NEOX_FAULT_RAISE_AT"
+HANG_ENV_VAR = "NEOX_FAULT_HANG_BEFORE_RENDEZVOUS"
 
 
 class FaultSpecError(ValueError):
@@ -41,3 +46,19 @@ def from_environment(environ: dict[str, str] | os._Environ = os.environ) -> Rais
     except ValueError:
         raise FaultSpecError(f"{ENV_VAR}={spec!r}: expected RANK:ITERATION, e.g. 1:3 (or unset the variable)") from None
     return RaiseAt(rank, iteration)
+
+
+def hang_before_rendezvous(rank: int, environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Never returns on the rank HANG_ENV_VAR names; returns at once everywhere else."""
+    spec = environ.get(HANG_ENV_VAR)
+    if not spec:
+        return
+    try:
+        hung = int(spec)
+    except ValueError:
+        raise FaultSpecError(f"{HANG_ENV_VAR}={spec!r}: expected a rank, e.g. 1 (or unset the variable)") from None
+    if rank != hung:
+        return
+    sys.stderr.write(f"fault injected by {HANG_ENV_VAR}={spec}: rank {rank} hangs before the rendezvous\n")
+    sys.stderr.flush()
+    threading.Event().wait()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from neox.checkpoint.errors import CheckpointError
 from neox.data.loader import collate_samples
-from neox.train.checkpoint import CheckpointError
 
 FILE_NAME = "forward_check.pt"
 # torch.isclose's defaults, which gpt-neox's check uses.

@@ -105,7 +105,10 @@ class StopForwarder:
     def _wait(self) -> None:
         while not self._done.is_set():
             info = signal.sigtimedwait(PREEMPT_SIGNALS, 0.2)
-            if info is not None:
+            # CPython (3.11) returns an uninitialised siginfo when the wait is interrupted (EINTR) just before its
+            # timeout: a made-up signal number, noted as a preemption (on a loaded machine deepy once died of the
+            # ValueError naming it; a number that happens to be a real signal would stop the ranks).
+            if info is not None and info.si_signo in PREEMPT_SIGNALS:
                 self._note(info.si_signo)
 
     def _note(self, signum: int) -> None:

@@ -1,9 +1,11 @@
 """Per-rank logs and exit records, so that a failed job names the rank that died and shows its last lines.
 
 Rank side: RankLog copies everything the rank writes to stdout and stderr (fd level: Python, DeepSpeed, native
-code) into {ranks_dir}/rank{R}.log, appending (a requeued job keeps its history), and writes rank{R}.exit.json
-when the rank ends by returning or raising. A rank killed by a signal (kill -9, the OOM killer, a segfault) leaves
-no exit record: that absence is what names it.
+code) into {ranks_dir}/rank{R}.log, appending (a requeued job keeps its history), keeps rank{R}.status (the phase
+the rank is in: neox/parallel/rank_status.py) and writes rank{R}.exit.json when the rank ends by returning or
+raising, with the phase and the collective it was blocked in. A rank killed by a signal (kill -9, the OOM killer, a
+segfault, the launcher ending a hung rank) leaves no exit record: that absence is what names it, and its status
+says where it was.
 Launcher side: failure_report() reads them back after a failed launch.
 """
 from __future__ import annotations
@@ -20,12 +22,14 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from neox.parallel import rank_status
+
 RANKS_DIR_NAME = "ranks"
 HEADER_PREFIX = "==== neox rank "
 TAIL_LINES = 12
 # Messages of collectives that failed because a peer went away or stopped answering (gloo and NCCL): a rank that
 # ends with one of them is a victim of another rank's death, not its cause.
-_LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+_LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
                       "timed out", "Timeout", "NCCL communicator was aborted", "remote process exited")
 
 
@@ -95,6 +99,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def _blocked_in(chain: list[BaseException]) -> str | None:
+    """The collective a failed rank was in; for a lost peer with none on the traceback (a wait on an asynchronous
+    collective's handle), the line that waited."""
+    waited = (rank_status.innermost_caller(e) for e in chain if lost_peer(str(e)))
+    return rank_status.collective_of(chain) or next((c for c in waited if c), None)
+
+
 def _unread_bytes(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
@@ -124,6 +135,7 @@ class RankLog:
         sys.stderr.flush()
         lock = threading.Lock()
         self._tees = [_Tee(fd, self._log_fd, lock) for fd in (1, 2)]
+        rank_status.start(self.directory, self.rank)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -133,8 +145,14 @@ class RankLog:
         code = self.exit_code if exc is None else 1
         if isinstance(exc, SystemExit) and isinstance(exc.code, int):
             code = exc.code
+        chain = [] if exc is None else _chain(exc)
+        # The collective's own message, when another error followed it (a data-loader worker's death).
+        peer_error = next((f"{type(e).__name__}: {e}" for e in chain if lost_peer(str(e))), None)
+        phase = rank_status.current()
         record = {"rank": self.rank, "pid": os.getpid(), "code": code or 0, "error": error,
-                  "lost_peer": exc is not None and any(lost_peer(str(e)) for e in _chain(exc)), "time": time.time()}
+                  "lost_peer": peer_error is not None, "peer_error": peer_error, "time": time.time(),
+                  "phase": phase and phase.text, "phase_since": phase and phase.since,
+                  "blocked_in": _blocked_in(chain) if chain else None}
         path = exit_record_path(self.directory, self.rank)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -158,15 +176,21 @@ class RankLog:
 class RankEnd:
     rank: int
     record: dict | None  # None: no exit record from this launch
+    phase: rank_status.Phase | None = None  # the last phase it noted in this launch
 
     @property
     def killed(self) -> bool:
         return self.record is None
 
     @property
+    def raised_itself(self) -> bool:
+        """Raised an error of its own (not a lost peer)."""
+        return self.record is not None and self.record["code"] != 0 and not self.record["lost_peer"]
+
+    @property
     def failed_itself(self) -> bool:
         """Died without a record, or raised an error that is not a lost peer."""
-        return self.record is None or (self.record["code"] != 0 and not self.record["lost_peer"])
+        return self.killed or self.raised_itself
 
 
 def rank_ends(directory: Path, world_size: int, since: float) -> list[RankEnd]:
@@ -180,7 +204,7 @@ def rank_ends(directory: Path, world_size: int, since: float) -> list[RankEnd]:
                 record = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 record = None
-        ends.append(RankEnd(rank, record))
+        ends.append(RankEnd(rank, record, rank_status.read(directory, rank, since)))
     return ends
 
 
@@ -198,16 +222,31 @@ def last_lines(directory: Path, rank: int, since: float, count: int = TAIL_LINES
     return [line for line in lines if line.strip()][-count:]
 
 
-def _first_line(text: str | None, limit: int = 200) -> str:
+def _first_line(text: str | None, limit: int = 300) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no message"
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+def _where(end: RankEnd, now: float) -> str:
+    """"; it was in training step 4 for 38 s": what a rank was doing when it ended (a rank without a record: until
+    the report, which is how long a hung rank was stuck)."""
+    if end.phase is None:
+        return ""
+    ended = end.record["time"] if end.record else now
+    return f"; it was in {end.phase.text} for {max(0.0, ended - end.phase.since):.0f} s"
+
+
 def failure_report(directory: Path, world_size: int, since: float, exit_code: int) -> str:
-    """One paragraph per rank that caused the failure (the first ones to go), then a line for the others."""
+    """One paragraph per rank that caused the failure (the first ones to go), then a line for the others, each
+    naming the phase the rank was in and, for a rank that lost a peer, the collective it was blocked in."""
+    now = time.time()
     ends = rank_ends(directory, world_size, since)
-    culprits = [end for end in ends if end.failed_itself] or [end for end in ends if end.record
-                                                               and end.record["code"] != 0]
+    raised = [end for end in ends if end.raised_itself]
+    # A rank that raised an error of its own is the cause; DeepSpeed's launcher then ends the others (SIGKILL 30 s
+    # after SIGTERM for a rank that does not exit), which leaves them without a record. With no such error, a rank
+    # killed without a record is the cause, or else every rank that failed is shown.
+    culprits = raised or [end for end in ends if end.killed] or [end for end in ends if end.record
+                                                                 and end.record["code"] != 0]
     parts = [f"deepy: the job failed (exit code {exit_code})."]
     for end in culprits:
         log = log_path(directory, end.rank)
@@ -216,16 +255,25 @@ def failure_report(directory: Path, world_size: int, since: float, exit_code: in
                          "above says why, or it was killed)")
             continue
         if end.killed:
-            what = ("died without an exit record: killed by a signal (kill -9, the OOM killer, the scheduler) or "
-                    "a crash in native code")
+            what = ("died without an exit record: killed by a signal (kill -9, the OOM killer, the scheduler, or "
+                    "the launcher ending a rank that hung) or a crash in native code")
         else:
-            what = f"failed: {end.record['error'] or 'exit code ' + str(end.record['code'])}"
+            error = end.record["error"]
+            what = f"failed: {_first_line(error) if error else 'exit code ' + str(end.record['code'])}"
         tail = last_lines(directory, end.rank, since)
         shown = "\n".join(f"    {line}" for line in tail) if tail else "    (nothing logged)"
-        parts.append(f"rank {end.rank} {what}. Last lines of {log}:\n{shown}")
-    others = [end for end in ends if end not in culprits and end.record and end.record["code"] != 0]
-    for end in others:
-        parts.append(f"rank {end.rank} then stopped: it lost a peer ({_first_line(end.record['error'])})")
+        parts.append(f"rank {end.rank} {what}{_where(end, now)}. Last lines of {log}:\n{shown}")
+    for end in ends:
+        if end in culprits:
+            continue
+        if end.killed and raised:
+            parts.append(f"rank {end.rank} then ended without an exit record (stopped by the launcher)"
+                         f"{_where(end, now)}")
+        elif end.record and end.record["code"] != 0:
+            blocked = end.record.get("blocked_in")
+            error = end.record.get("peer_error") or end.record["error"]
+            parts.append(f"rank {end.rank} then stopped: it lost a peer{' in ' + blocked if blocked else ''}"
+                         f"{_where(end, now)} ({_first_line(error, limit=600)})")
     if not culprits:
         parts.append(f"no rank reported an error; rank logs are in {directory}")
     return "\n".join(parts)

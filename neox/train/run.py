@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +28,28 @@ from neox.data.loader import MicroBatchSampler, build_loader, eval_consumed_samp
 from neox.data.token_range import check_run_token_ids
 from neox.model import GPTNeoX
 from neox.model.base_shapes import mup_setup
-from neox.parallel.engine import ParallelTrainEngine, is_model_parallel
-from neox.parallel import layout_state
+from neox.parallel.engine import ParallelTrainEngine
 from neox.parallel.materialize import meta_model
+from neox.parallel import rank_status
 from neox.parallel.runtime import Runtime, all_reduce_mean, barrier
 from neox.parallel.rng import dropout_seed
 from neox.parallel.topology import build_topology
 from neox.tokenizer import TokenizerError, build_tokenizer
 from neox.checkpoint.consolidated import is_consolidated, read_consolidated
 from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, open_gpt_neox_checkpoint
-from neox.checkpoint import s3_upload, vocab_padding
-from neox.train import checkpoint, epochs, forward_check
+from neox.checkpoint import engine_state, layout_state, s3_upload, vocab_padding
+from neox.checkpoint.errors import CheckpointError
+from neox.train import epochs, forward_check
 from neox.train.curriculum import SeqlenWarmup
-from neox.train.flops import matmul_params, measure_peak_flops, train_flops_per_token
+from neox.train.flops import matmul_params, measure_peak_flops, mfu_peak, train_flops_per_token
 from neox.train.metrics import MetricsSinks, flat_run_config, shared_wandb_group, sinks_for_run
 from neox.train.diagnostics import build_diagnostics
 from neox.train.profiling import build_step_profiler
 from neox.train.engine import TrainEngine
 from neox.train import faults, mup_modes, rank_log
-from neox.train.optimizer import OptimizerError
-from neox.train.preemption import StopRequests, stop_request_path
 from neox.train.rank_log import RankLog
+from neox.optim import OptimizerError
+from neox.train.preemption import StopRequests, stop_request_path
 from neox.train.save_schedule import schedule_from_config
 from neox.train.schedule import (LRSchedule, ScheduleMismatch, decay_iters_for, resume_schedule,
                                  warmup_iters_from_fraction)
@@ -65,7 +67,7 @@ class TrainError(RuntimeError):
 
 
 # Errors that mean "fix the config, the data or the checkpoint", reported without a traceback.
-_INPUT_ERRORS = (TrainError, checkpoint.CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError,
+_INPUT_ERRORS = (TrainError, CheckpointError, ConfigError, DataError, TokenizerError, OptimizerError,
                  s3_upload.S3UploadError)
 
 
@@ -123,6 +125,7 @@ class Trainer:
         self.repad: vocab_padding.Repad | None = None  # set when the checkpoint's vocabulary padding differs
         self.gpt_neox: GptNeoxCheckpoint | None = None  # set when `load` is a checkpoint EleutherAI's gpt-neox wrote
         self.load_tag = self._checkpoint_to_load(Path(train.load)) if train.load else None
+        rank_status.enter("building the datasets")
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         self.do_train = self._phase("do_train", self.train_ds is not None and train.train_iters > 0,
                                     "there is nothing to train (no train data, or train_iters 0)")
@@ -135,7 +138,8 @@ class Trainer:
         # Identical initial weights on every rank come from the shared seed (DeepSpeed also broadcasts them).
         from_consolidated = bool(train.load and train.finetune and is_consolidated(train.load))
         from_consolidated = from_consolidated or self.gpt_neox is not None
-        if is_model_parallel(self.topo) and not from_consolidated:
+        rank_status.enter("building the model and the DeepSpeed engine")
+        if cfg.parallel.is_model_parallel and not from_consolidated:
             # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
             model = meta_model(cfg.model, mup_setup(cfg.mup))
         else:
@@ -143,7 +147,7 @@ class Trainer:
         if from_consolidated:
             self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())
-        if is_model_parallel(self.topo):
+        if cfg.parallel.is_model_parallel:
             self.train_engine = ParallelTrainEngine(cfg, model, runtime.device, self.topo)
         else:
             self.train_engine = TrainEngine(cfg, model, runtime.device)
@@ -185,7 +189,14 @@ class Trainer:
                           tied_head=not cfg.model.no_weight_tying,
                           learned_pos_rows=cfg.model.max_positions if cfg.model.pos_emb == "learned" else 0),
             cfg.model.num_layers, cfg.model.hidden_size, self.seq_length)
-        self.peak_flops = cfg.log.peak_flops or self._measured_peak()
+        device_name = torch.cuda.get_device_name(runtime.device) if runtime.is_cuda else None
+        self.mfu_peak = mfu_peak(cfg.log.peak_flops, cfg.optim.precision, device_name, self._measured_peak)
+        self.peak_flops = self.mfu_peak.flops
+        if self.sinks is not None:  # at every start: a resumed run may run on other devices
+            self.sinks.write_run_info({"iteration": self.progress.iteration, "mfu_peak_flops": self.peak_flops,
+                                       "mfu_peak_source": self.mfu_peak.source})
+        if runtime.rank == 0:
+            print(f"MFU peak {self.peak_flops / 1e12:.4g} TFLOP/s per device: {self.mfu_peak.source}", flush=True)
 
     # --- set-up pieces -------------------------------------------------------------------------------------
 
@@ -242,9 +253,8 @@ class Trainer:
         so nothing that happens only at start-up (peak probe, new data iterators) may consume them."""
         return torch.random.fork_rng(devices=[self.rt.device] if self.rt.is_cuda else [])
 
-    def _measured_peak(self) -> float:
+    def _measured_peak(self, dtype: torch.dtype) -> float:
         with self._untouched_rng():
-            dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.optim.precision, torch.float32)
             local = measure_peak_flops(dtype=dtype, device=self.rt.device)
         return float(all_reduce_mean(torch.tensor(local, dtype=torch.float64)))
 
@@ -265,7 +275,7 @@ class Trainer:
             self.repad = vocab_padding.check_checkpoint_model(saved_cfg.model, self.cfg.model,
                                                               self.tokenizer.vocab_size, ARCHITECTURE_KEYS, load_dir)
             return None
-        tag = checkpoint.resolve_load_tag(load_dir, self.cfg.train.iteration)
+        tag = engine_state.resolve_load_tag(load_dir, self.cfg.train.iteration)
         if tag is None:
             if self.cfg.train.finetune:
                 raise TrainError(f"finetune is set but {load_dir} holds no complete checkpoint")
@@ -313,12 +323,13 @@ class Trainer:
             print(self.repad.note(self.topo.tp_size), flush=True)
 
     def _load(self, load_dir: Path, tag: str) -> None:
+        rank_status.enter(f"loading checkpoint {load_dir / tag}")
         train = self.cfg.train
         ckpt_dir = load_dir / tag
         saved_layout = layout_state.layout_of(load_resolved(ckpt_dir / "config.yml"))
         same_layout = saved_layout == layout_state.layout_of(self.cfg)
         # no_save_optim wrote no DeepSpeed files and no optimizer state: its weights are the layout-free copy.
-        engine_files = checkpoint.has_engine_state(ckpt_dir)
+        engine_files = engine_state.has_engine_state(ckpt_dir)
         # As gpt-neox: the optimizer and the LR schedule are loaded together, or neither.
         load_optim = engine_files and not train.finetune and not train.no_load_optim
         # no_load_optim takes the exact fp32 weights of the layout-free copy where there is one (DeepSpeed's
@@ -327,8 +338,8 @@ class Trainer:
         via_engine_files = same_layout and engine_files and self.repad is None and (
             load_optim or train.finetune or not layout_state.has_layout_free_state(ckpt_dir))
         if via_engine_files:
-            state = checkpoint.load(self.engine, load_dir, tag, self.rt.rank, finetune=train.finetune,
-                                    load_optimizer=load_optim, load_rng=not train.no_load_rng)
+            state = engine_state.load(self.engine, load_dir, tag, self.rt.rank, finetune=train.finetune,
+                                      load_optimizer=load_optim, load_rng=not train.no_load_rng)
         else:
             state = self._load_layout_free(ckpt_dir, saved_layout, weights_only=not load_optim)
         if train.finetune:
@@ -354,10 +365,10 @@ class Trainer:
     def _restore_rng(self, ckpt_dir: Path, same_layout: bool, from_engine_files: bool) -> None:
         """Every rank's RNG streams as saved; else (no_load_rng, no_save_rng, another layout, whose ranks are
         others) dropout restarts from a seed of dp rank and step."""
-        saved = checkpoint.rng_file(ckpt_dir, self.rt.rank)
+        saved = engine_state.rng_file(ckpt_dir, self.rt.rank)
         if not self.cfg.train.no_load_rng and same_layout and saved.is_file():
-            if not from_engine_files:  # checkpoint.load restored them already
-                checkpoint.set_rng_state(torch.load(saved, weights_only=True))
+            if not from_engine_files:  # engine_state.load restored them already
+                engine_state.set_rng_state(torch.load(saved, weights_only=True))
             return
         torch.manual_seed(dropout_seed(self.cfg.train.seed, self.topo) + 7919 * self.progress.iteration)
 
@@ -432,6 +443,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset, consumed: int, iters: int) -> float:
+        rank_status.enter(f"evaluation at step {self.progress.iteration}")
         self.engine.eval()
         if self.curriculum is not None:
             self.curriculum.full_length(self.engine)  # gpt-neox evaluates full-length batches
@@ -464,13 +476,14 @@ class Trainer:
         return char_level_ppl(loss, int(totals[0]), int(totals[1]))
 
     def save(self) -> None:
+        rank_status.enter(f"checkpoint save at step {self.progress.iteration}")
         train = self.cfg.train
-        run_files = checkpoint.RunFiles(self.config_path, tuple(self.tokenizer.files()))
+        run_files = engine_state.RunFiles(self.config_path, tuple(self.tokenizer.files()))
         # Besides DeepSpeed's layout-bound files, a layout-free copy lets any (tp, pp, dp, ZeRO) layout resume.
         client_state = {**self.progress.client_state(),
                         SCHEDULE_STATE_KEY: self.schedule.state(self.progress.iteration - self.schedule_start)}
         if self.rt.rank == 0:
-            print(f"saving checkpoint {checkpoint.tag_for(self.progress.iteration)}", flush=True)
+            print(f"saving checkpoint {engine_state.tag_for(self.progress.iteration)}", flush=True)
         forward = None
         if train.checkpoint_validation_with_forward_pass:
             text = forward_check.reference_text(self.micro_batch, self.seq_length, self.tokenizer.vocab_size)
@@ -486,10 +499,10 @@ class Trainer:
             if forward is not None and self.rt.rank == 0:
                 forward_check.save_record(ckpt_dir, *forward, self.progress.iteration)
 
-        path = checkpoint.save(self.engine, Path(train.save), self.progress.iteration, client_state,
-                               run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
-                               write_extra=write_extra, engine_state=not train.no_save_optim,
-                               save_rng=not train.no_save_rng, config_files=train.config_files)
+        path = engine_state.save(self.engine, Path(train.save), self.progress.iteration, client_state,
+                                 run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
+                                 write_extra=write_extra, engine_state=not train.no_save_optim,
+                                 save_rng=not train.no_save_rng, config_files=train.config_files)
         self._last_saved = self.progress.iteration
         if self.rt.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
@@ -538,31 +551,32 @@ class Trainer:
         self.engine.train()
         data_iter = self._loader(self.train_ds, self.progress.consumed_train_samples)
         start = time.perf_counter()
-        window_start, window_steps, window_losses = time.perf_counter(), 0, []
+        # Throughput over the window's own steps: each step is timed, so evaluations and checkpoints between them
+        # (and the logging) never count, whatever the intervals.
+        window_seconds, window_losses = 0.0, []
         while self.progress.iteration < train.train_iters:
+            rank_status.enter(f"training step {self.progress.iteration + 1}")
+            step_start = time.perf_counter()
             with self.profiler.step(self.progress.iteration):
                 loss, grad_norm = self.train_step(data_iter)
             if self.diagnostics is not None:
                 record = self.diagnostics.after_step(self.progress.iteration)  # collective; rank 0 gets it
                 if record:
                     self._log(record)
-            window_steps += 1
+            window_seconds += time.perf_counter() - step_start
             window_losses.append(loss)
             it = self.progress.iteration
             if it % log.log_interval == 0 or it == train.train_iters:
-                elapsed = time.perf_counter() - window_start
-                self._log(self._train_record(window_losses, grad_norm, elapsed / window_steps,
+                self._log(self._train_record(window_losses, grad_norm, window_seconds / len(window_losses),
                                              time.perf_counter() - start))
-                window_start, window_steps, window_losses = time.perf_counter(), 0, []
+                window_seconds, window_losses = 0.0, []
             if self.do_valid and it % train.eval_interval == 0:
                 self._log(self.validate())
                 self._valid_at = it
-                window_start = time.perf_counter()  # evaluation time is not training throughput
             # After the evaluation (gpt-neox saves before it): the checkpoint's validation cursor then counts it, so
             # a resumed run reads the very validation batches an uninterrupted one reads.
             if train.save and self.save_schedule.due(it):
                 self.save()
-                window_start = time.perf_counter()
             if self.fault is not None:
                 self.fault.after_step(self.rt.rank, it)
             if train.exit_interval and it % train.exit_interval == 0:
@@ -580,7 +594,7 @@ class Trainer:
         if self.cfg.train.save and last_saved != it:
             self.save()
         if self.rt.rank == 0:
-            where = f"checkpoint {checkpoint.tag_for(it)} is written" if self.cfg.train.save else \
+            where = f"checkpoint {engine_state.tag_for(it)} is written" if self.cfg.train.save else \
                 "no checkpoint: 'save' is not set, a relaunch starts over"
             print(f"preempted: stopped after iteration {it} of {self.cfg.train.train_iters}; {where}; exit code "
                   f"{self.cfg.train.preempt_exit_code} asks for a requeue (relaunch with load = save to resume)",
@@ -631,29 +645,36 @@ def _train(cfg: NeoXConfig, config_path: Path, runtime: Runtime) -> int:
     run_dir = config_path.parent  # where deepy wrote the resolved config: {save or log_dir}
     stop = StopRequests(stop_request_path(run_dir) if runtime.local_rank == 0 else None, runtime.device)
     stop.install()
-    with RankLog(rank_log.ranks_dir(cfg.log.log_dir, run_dir), runtime.rank) as log:
-        if cfg.mup.save_base_shapes:  # muP's first run (gpt-neox: save, then exit): the file, no training
-            mup_modes.save_base_shapes(cfg, runtime.rank)
-            return 0
-        trainer = Trainer(cfg, config_path, runtime)
-        try:
-            if cfg.mup.coord_check:  # muP's check on the training data (gpt-neox: plots, then exit), no training
-                if trainer.train_ds is None:
-                    raise TrainError("coord_check trains on a batch of the train split, which is empty: give "
-                                     "'split' a train share or set 'train_data_paths'")
-                mup_modes.run_coord_check(cfg, next(trainer._loader(trainer.train_ds, 0)),
-                                          Path(cfg.log.log_dir or run_dir), runtime.rank, runtime.device)
-                preempted = False
-            else:
-                preempted = trainer.run(stop)
-        finally:
-            trainer.close()
-        log.exit_code = cfg.train.preempt_exit_code if preempted else 0
+    if cfg.mup.save_base_shapes:  # muP's first run (gpt-neox: save, then exit): the file, no training
+        mup_modes.save_base_shapes(cfg, runtime.rank)
+        return 0
+    trainer = Trainer(cfg, config_path, runtime)
+    try:
+        if cfg.mup.coord_check:  # muP's check on the training data (gpt-neox: plots, then exit), no training
+            if trainer.train_ds is None:
+                raise TrainError("coord_check trains on a batch of the train split, which is empty: give "
+                                 "'split' a train share or set 'train_data_paths'")
+            mup_modes.run_coord_check(cfg, next(trainer._loader(trainer.train_ds, 0)),
+                                      Path(cfg.log.log_dir or run_dir), runtime.rank, runtime.device)
+            preempted = False
+        else:
+            preempted = trainer.run(stop)
+    finally:
+        trainer.close()
+    return cfg.train.preempt_exit_code if preempted else 0
+
+
+def _in_rank_log(cfg: NeoXConfig, config_path: Path, rank: int, rest: Callable[[], int | None]) -> int | None:
+    """The rank's log, status and exit record ({save or log_dir}/ranks) around its whole life from before the
+    rendezvous: a rank that never joins, or hangs or fails in the rendezvous, is named in deepy's report too."""
+    with RankLog(rank_log.ranks_dir(cfg.log.log_dir, config_path.parent), rank) as log:
+        faults.hang_before_rendezvous(rank)  # only in a failure test that asks for it
+        log.exit_code = rest()
     return log.exit_code
 
 
 PROGRAM = RankProgram(module="neox.train", launch_command="deepy train", description=__doc__.splitlines()[0],
-                      body=_train, input_errors=_INPUT_ERRORS)
+                      body=_train, input_errors=_INPUT_ERRORS, around_rank=_in_rank_log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import yaml
 
 from neox.config import load_config
 from neox.model import GPTNeoX, causal_lm_loss
-from neox.train.optimizer import param_groups
+from neox.optim import param_groups
 
 VOCAB = 128
 SEQ = 16
@@ -47,8 +47,8 @@ def _slice(batch: dict[str, torch.Tensor], start: int, size: int) -> dict[str, t
 
 def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[dict]]:
     """Train STEPS steps in each layout with every diagnostic on; rank 0 returns the diagnostics records."""
-    from neox.parallel import layout_state
-    from neox.parallel.engine import ParallelTrainEngine, is_model_parallel
+    from neox.checkpoint import layout_state
+    from neox.parallel.engine import ParallelTrainEngine
     from neox.parallel.materialize import meta_model
     from neox.parallel.runtime import all_reduce_mean
     from neox.parallel.topology import build_topology
@@ -65,7 +65,7 @@ def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[
         cfg = load_config([path], vocab_size=VOCAB)
         topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
         torch.manual_seed(0)
-        if is_model_parallel(topo):
+        if cfg.parallel.is_model_parallel:
             train_engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo)
         else:
             train_engine = TrainEngine(cfg, GPTNeoX(cfg.model), torch.device("cpu"))

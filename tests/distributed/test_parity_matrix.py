@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from neox.checkpoint.consolidated import consolidate
-from neox.parallel.layout_state import consolidated_weights
+from neox.checkpoint.layout_state import consolidated_weights
 from neox.parallel.sharding import shard_tensor
 from tests.conftest import REPO_ROOT
 from tests.e2e.train_helpers import Launch, deepy_train, max_relative_diff, preprocess_kjv, write_config

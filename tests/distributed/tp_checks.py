@@ -234,7 +234,7 @@ def meta_build_matches_full_build(variants: list[dict]) -> list[dict]:
         torch.manual_seed(11)
         meta = apply_tensor_parallel(meta_model(cfg), topo, row_parallel_head=cfg.row_parallel_head)
         assert all(p.is_meta for p in meta.parameters())
-        materialize(meta, topo)
+        materialize(meta, topo.tp_rank, topo.tp_size)
         want, got = full.state_dict(), meta.state_dict()
         buffers = dict(full.named_buffers(remove_duplicate=False))
         results.append({

@@ -21,10 +21,11 @@ import yaml
 
 from launcher import preflight
 from neox.checkpoint.consolidated import save_consolidated
+from neox.checkpoint.engine_state import COMPLETE_MARKER, LATEST_FILE
 from neox.config import load_config, save_resolved
 from neox.model import GPTNeoX
-from neox.train.checkpoint import COMPLETE_MARKER, LATEST_FILE
 from tests.conftest import GPT2_MERGES, GPT2_VOCAB, REPO_ROOT
+from tests.e2e.train_helpers import free_port
 
 DEEPY = REPO_ROOT / "launcher" / "deepy.py"
 CPU_CONFIG = REPO_ROOT / "configs" / "cpu.yml"
@@ -52,12 +53,6 @@ def run(*argv: str | Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess
 
 def deepy(*args: str | Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     return run(DEEPY, *args, cwd=cwd)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_one_paragraph(result: subprocess.CompletedProcess, *words: str, prefix: str = "deepy: error: ") -> str:

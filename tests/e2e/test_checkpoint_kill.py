@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from neox.checkpoint.engine_state import complete_tags, resolve_load_tag
 from neox.config import load_config, save_resolved
-from neox.train.checkpoint import complete_tags, resolve_load_tag
 from tests.conftest import REPO_ROOT
 from tests.e2e.train_helpers import CPU_LAUNCH_CONFIG, preprocess_kjv, write_config
 

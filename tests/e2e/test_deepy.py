@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from launcher.deepy import LaunchError, run_deepspeed
 from neox.config import load_config, save_resolved
 from conftest import REPO_ROOT
+from tests.e2e.train_helpers import free_port
 
 DEEPY = REPO_ROOT / "launcher" / "deepy.py"
 CONFIGS = REPO_ROOT / "configs"
@@ -20,12 +20,6 @@ PROBE = Path(__file__).with_name("probe_rank.py")
 
 GPT2_TOKENIZER = ("--tokenizer_type", "HFGPT2Tokenizer", "--vocab_file", "data/tokenizers/gpt2/vocab.json",
                   "--merge_file", "data/tokenizers/gpt2/merges.txt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepy(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

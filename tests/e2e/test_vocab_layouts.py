@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from neox.checkpoint.consolidated import consolidate, save_consolidated
+from neox.checkpoint.layout_state import consolidated_weights, read_layout_free_state
 from neox.config.resolved import RESOLVED_NAME, load_resolved
-from neox.parallel.layout_state import consolidated_weights, read_layout_free_state
 from tests.conftest import GPT2_MERGES, GPT2_VOCAB, REPO_ROOT
 from tests.e2e.train_helpers import KJV, PREPROCESS, Launch, deepy_train, write_config
 

@@ -1,4 +1,4 @@
-"""neox.train.checkpoint without DeepSpeed: which tag gets loaded, RNG round trips, the save layout and pruning."""
+"""neox.checkpoint.engine_state without DeepSpeed: which tag gets loaded, RNG round trips, the save layout and pruning."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from neox.train import checkpoint
-from neox.train.checkpoint import CheckpointError, RunFiles, resolve_load_tag
+from neox.checkpoint import engine_state
+from neox.checkpoint.engine_state import RunFiles, resolve_load_tag
+from neox.checkpoint.errors import CheckpointError
 
 
 def make_checkpoint(save_dir: Path, iteration: int, complete: bool = True) -> Path:
@@ -18,7 +19,7 @@ def make_checkpoint(save_dir: Path, iteration: int, complete: bool = True) -> Pa
     ckpt.mkdir(parents=True)
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     if complete:
-        (ckpt / checkpoint.COMPLETE_MARKER).write_text(json.dumps({"iteration": iteration}))
+        (ckpt / engine_state.COMPLETE_MARKER).write_text(json.dumps({"iteration": iteration}))
     return ckpt
 
 
@@ -61,7 +62,7 @@ def test_no_latest_file_uses_newest_complete(tmp_path):
     (tmp_path / "global_step50").mkdir()  # no marker
     (tmp_path / "notes").mkdir()          # not a checkpoint at all
     assert resolve_load_tag(tmp_path) == "global_step12"
-    assert checkpoint.complete_tags(tmp_path) == ["global_step3", "global_step12"]
+    assert engine_state.complete_tags(tmp_path) == ["global_step3", "global_step12"]
 
 
 def test_requested_iteration(tmp_path):
@@ -91,20 +92,20 @@ def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
     np.random.randn()  # leaves a cached gaussian in numpy's state, which must survive too
     random.gauss(0, 1)
     path = tmp_path / "rank0.pt"
-    torch.save(checkpoint.rng_state(), path)
+    torch.save(engine_state.rng_state(), path)
     expected = draws()
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
     assert draws() != expected
-    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+    engine_state.set_rng_state(torch.load(path, weights_only=True))
     assert draws() == expected
 
 
 # --- save: layout, latest, pruning ------------------------------------------------------------------------------
 
 class FakeEngine:
-    """What checkpoint.save/load use of a DeepSpeed engine: it writes one file per save and records the calls."""
+    """What engine_state.save/load use of a DeepSpeed engine: it writes one file per save and records the calls."""
 
     def __init__(self):
         self.saved: list[tuple[str, str, dict, bool]] = []
@@ -137,7 +138,7 @@ def test_save_layout_and_keep_last_pruning(tmp_path, run_files):
     engine = FakeEngine()
     barriers = []
     for it in (1, 2, 3, 4):
-        path = checkpoint.save(engine, save_dir, it, {"iteration": it, "consumed_train_samples": 8 * it},
+        path = engine_state.save(engine, save_dir, it, {"iteration": it, "consumed_train_samples": 8 * it},
                                run_files, rank=0, barrier=lambda: barriers.append(1), keep_last=2)
         assert path == save_dir / f"global_step{it}"
         assert (save_dir / "latest").read_text().strip() == f"global_step{it}"
@@ -156,20 +157,20 @@ def test_save_layout_and_keep_last_pruning(tmp_path, run_files):
 def test_keep_last_none_keeps_everything(tmp_path, run_files):
     engine = FakeEngine()
     for it in (1, 2, 3):
-        checkpoint.save(engine, tmp_path, it, {}, run_files, rank=0, barrier=lambda: None)
-    assert checkpoint.complete_tags(tmp_path) == ["global_step1", "global_step2", "global_step3"]
+        engine_state.save(engine, tmp_path, it, {}, run_files, rank=0, barrier=lambda: None)
+    assert engine_state.complete_tags(tmp_path) == ["global_step1", "global_step2", "global_step3"]
 
 
 def test_leftover_of_an_interrupted_save_is_replaced(tmp_path, run_files):
     stale = make_checkpoint(tmp_path, 5, complete=False)
     (stale / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"from a dead run")
-    checkpoint.save(FakeEngine(), tmp_path, 5, {}, run_files, rank=0, barrier=lambda: None)
+    engine_state.save(FakeEngine(), tmp_path, 5, {}, run_files, rank=0, barrier=lambda: None)
     assert not (stale / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
-    assert checkpoint.is_complete(tmp_path, "global_step5")
+    assert engine_state.is_complete(tmp_path, "global_step5")
 
 
 def test_non_zero_rank_writes_only_its_rng_file(tmp_path, run_files):
-    checkpoint.save(FakeEngine(), tmp_path, 3, {}, run_files, rank=1, barrier=lambda: None)
+    engine_state.save(FakeEngine(), tmp_path, 3, {}, run_files, rank=1, barrier=lambda: None)
     ckpt = tmp_path / "global_step3"
     assert (ckpt / "rng" / "rank1.pt").is_file()
     assert not (ckpt / "complete.json").exists() and not (tmp_path / "latest").exists()
@@ -180,18 +181,18 @@ def test_non_zero_rank_writes_only_its_rng_file(tmp_path, run_files):
 def test_resume_restores_client_state_and_rng_finetune_only_weights(tmp_path, run_files):
     engine = FakeEngine()
     torch.manual_seed(3)
-    checkpoint.save(engine, tmp_path, 10, {"iteration": 10, "consumed_train_samples": 80}, run_files, rank=0,
+    engine_state.save(engine, tmp_path, 10, {"iteration": 10, "consumed_train_samples": 80}, run_files, rank=0,
                     barrier=lambda: None)
     expected = torch.rand(4)
     torch.manual_seed(99)
-    state = checkpoint.load(engine, tmp_path, "global_step10", rank=0, finetune=False)
+    state = engine_state.load(engine, tmp_path, "global_step10", rank=0, finetune=False)
     assert state == {"iteration": 10, "consumed_train_samples": 80}
     assert torch.equal(torch.rand(4), expected)
     assert engine.loaded[-1]["load_module_only"] is False and engine.loaded[-1]["load_optimizer_states"] is True
 
     torch.manual_seed(99)
     after_seed = torch.random.get_rng_state()
-    assert checkpoint.load(engine, tmp_path, "global_step10", rank=0, finetune=True) == {}
+    assert engine_state.load(engine, tmp_path, "global_step10", rank=0, finetune=True) == {}
     assert torch.equal(torch.random.get_rng_state(), after_seed)  # finetune keeps its own fresh RNG
     assert engine.loaded[-1]["load_module_only"] is True and engine.loaded[-1]["load_optimizer_states"] is False
 
@@ -202,15 +203,15 @@ def test_load_failure_is_an_error(tmp_path):
             return None, None
 
     with pytest.raises(CheckpointError, match="could not load"):
-        checkpoint.load(NothingLoaded(), tmp_path, "global_step1", rank=0, finetune=False)
+        engine_state.load(NothingLoaded(), tmp_path, "global_step1", rank=0, finetune=False)
 
 
 def test_architecture_mismatch_names_every_key(tmp_path):
     saved = {"hidden_size": 64, "num_layers": 2, "norm": "layernorm"}
     current = {"hidden_size": 96, "num_layers": 3, "norm": "layernorm"}
     with pytest.raises(CheckpointError) as err:
-        checkpoint.check_same_architecture(saved, current, ("hidden_size", "num_layers", "norm"), tmp_path)
+        engine_state.check_same_architecture(saved, current, ("hidden_size", "num_layers", "norm"), tmp_path)
     message = str(err.value)
     assert "hidden_size: checkpoint 64 vs config 96" in message and "num_layers: checkpoint 2 vs config 3" in message
     assert "norm" not in message.split("mismatched keys:")[1]
-    checkpoint.check_same_architecture(saved, dict(saved), ("hidden_size", "num_layers", "norm"), tmp_path)
+    engine_state.check_same_architecture(saved, dict(saved), ("hidden_size", "num_layers", "norm"), tmp_path)

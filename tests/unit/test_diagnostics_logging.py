@@ -80,7 +80,7 @@ class _PlainEngine:
 def test_per_parameter_norms_match_torch_linalg():
     from neox.model import GPTNeoX, causal_lm_loss
     from neox.train.diagnostics import build_diagnostics
-    from neox.train.optimizer import param_groups
+    from neox.optim import param_groups
     from tests.distributed.diagnostics_checks import global_batches, model_cfg_for_unit
 
     torch.manual_seed(0)

@@ -9,11 +9,10 @@ import pytest
 import torch
 import transformers
 
-from neox.checkpoint import find_checkpoint, load_model
+from neox.checkpoint import CheckpointError, find_checkpoint, load_model
 from neox.checkpoint.gpt_neox import (GptNeoxCheckpoint, find_gpt_neox_checkpoint, is_gpt_neox_checkpoint,
                                       open_gpt_neox_checkpoint)
 from neox.model.hf import from_hf_state_dict
-from neox.train.checkpoint import CheckpointError
 from tests.gpt_neox_fixture import ARCHES, DIVISIBLE_BY, LLAMA_GQA, PYTHIA, padded_vocab, source_model, write_checkpoint
 from tools import convert_neox_to_hf
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from neox.train.optimizer import OptimizerError, build_optimizer
-from neox.train.optimizer_rules import SM3, Lion, MadgradWD, UncorrectedAdam
+from neox.optim import OptimizerError, build_optimizer
+from neox.optim.rules import SM3, Lion, MadgradWD, UncorrectedAdam
 
 GRADS = [np.array([[0.5, -1.0, 2.0], [0.25, 3.0, -0.5]]), np.array([[-1.5, 0.5, 1.0], [2.0, -0.25, 0.75]]),
          np.array([[0.1, 0.2, -0.3], [-2.0, 1.0, 0.5]])]

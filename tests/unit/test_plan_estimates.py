@@ -1,6 +1,8 @@
 """neox/plan pieces against references: the model's own parameters, autograd's saved tensors, option parsing."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 
@@ -46,13 +48,9 @@ def test_pipeline_stages_hold_every_layer_once(variant):
     assert plan.stages[-1].layers[-1].per_tp_rank == table // 2
 
 
-def saved_elements_per_token(cfg: ModelConfig) -> float:
-    """Bytes autograd saves for one block's backward (weights excluded), per token per hidden unit per element."""
-    torch.manual_seed(0)
-    model = GPTNeoX(cfg).train()
+def saved_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> int:
+    """Bytes of the storages autograd saves for backward while `forward` runs, model's weights excluded."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    batch, seq = 4, cfg.seq_length
-    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -61,10 +59,19 @@ def saved_elements_per_token(cfg: ModelConfig) -> float:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    position_ids = torch.arange(seq).expand(batch, seq)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.blocks[0](x, position_ids)
-    return sum(storages.values()) / (batch * seq * cfg.hidden_size * 4)
+        forward()
+    return sum(storages.values())
+
+
+def saved_elements_per_token(cfg: ModelConfig) -> float:
+    """Bytes autograd saves for one block's backward (weights excluded), per token per hidden unit per element."""
+    torch.manual_seed(0)
+    model = GPTNeoX(cfg).train()
+    batch, seq = 4, cfg.seq_length
+    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    position_ids = torch.arange(seq).expand(batch, seq)
+    return saved_bytes(model, lambda: model.blocks[0](x, position_ids)) / (batch * seq * cfg.hidden_size * 4)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

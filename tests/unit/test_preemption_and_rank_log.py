@@ -76,6 +76,30 @@ def test_forwarder_turns_signals_into_the_request_file_and_children_inherit_the_
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+# A handled signal interrupting the forwarder's sigtimedwait just before its timeout made CPython return an
+# uninitialised siginfo: a made-up signal number, noted as a preemption (seen on a loaded machine). Here the interrupts
+# come every 2 ms while the main thread holds the GIL, so nearly every wait ends that way.
+_EINTR_CHILD = """
+import signal, time
+from neox.train.preemption import StopForwarder
+signal.signal(signal.SIGUSR2, lambda *args: None)
+with StopForwarder() as stop:
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        signal.pthread_kill(stop._waiter.ident, signal.SIGUSR2)
+        busy = time.perf_counter() + 0.002
+        while time.perf_counter() < busy:
+            pass
+print(stop.signals)
+"""
+
+
+def test_forwarder_ignores_interrupted_waits():
+    out = subprocess.run([sys.executable, "-c", _EINTR_CHILD], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
 def test_rank_stop_flag_from_a_signal_or_the_request_file(tmp_path):
     import torch
 

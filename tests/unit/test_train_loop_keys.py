@@ -1,7 +1,7 @@
 """gpt-neox's training-loop and checkpoint keys, in one process: the save-iteration arithmetic (checkpoint_factor,
 checkpoint_scale, extra_save_iters, save_iters, save_interval), the LR schedule (exponential, lr_decay_fraction)
 and the scheduler's checkpoint rules (override_lr_scheduler / use_checkpoint_lr_scheduler), train_epochs
-arithmetic, no_save_optim / no_save_rng / no_load_optim / config_files in neox.train.checkpoint, the forward-pass
+arithmetic, no_save_optim / no_save_rng / no_load_optim / config_files in neox.checkpoint.engine_state, the forward-pass
 check, and the config rules between these keys."""
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from neox.config import ConfigError, load_config
 from neox.config.train import TrainConfig
 from neox.data.errors import DataError
 from neox.data.indexed import IndexedDatasetWriter
-from neox.train import checkpoint, epochs, forward_check
-from neox.train.checkpoint import RunFiles
+from neox.checkpoint import engine_state
+from neox.checkpoint.engine_state import RunFiles
+from neox.train import epochs, forward_check
 from neox.train.save_schedule import SaveSchedule, schedule_from_config
 from neox.train.schedule import LRSchedule, ScheduleMismatch, decay_iters_for, resume_schedule
 
@@ -195,7 +196,7 @@ def run_files(tmp_path) -> RunFiles:
 
 def test_no_save_optim_no_save_rng_and_config_files(tmp_path, run_files):
     weights = []
-    checkpoint.save(FakeEngine(), tmp_path / "ckpt", 4, {"iteration": 4}, run_files, 0, lambda: None,
+    engine_state.save(FakeEngine(), tmp_path / "ckpt", 4, {"iteration": 4}, run_files, 0, lambda: None,
                     write_extra=lambda d: weights.append((d / "layout_free").mkdir()), engine_state=False,
                     save_rng=False, config_files={"tiny.yml": "# mine\nnum_layers: 2\n", "x.json": {"a": 1}})
     ckpt = tmp_path / "ckpt" / "global_step4"
@@ -204,28 +205,28 @@ def test_no_save_optim_no_save_rng_and_config_files(tmp_path, run_files):
     assert (ckpt / "configs" / "tiny.yml").read_text() == "# mine\nnum_layers: 2\n"
     assert json.loads((ckpt / "configs" / "x.json").read_text()) == {"a": 1}
     assert json.loads((ckpt / "complete.json").read_text())["engine_state"] is False
-    assert not checkpoint.has_engine_state(ckpt)
+    assert not engine_state.has_engine_state(ckpt)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step4"
     # a checkpoint written before the marker recorded it has engine state
     (ckpt / "complete.json").write_text(json.dumps({"iteration": 4}))
-    assert checkpoint.has_engine_state(ckpt)
+    assert engine_state.has_engine_state(ckpt)
 
 
 def test_no_load_optim_loads_module_only_but_keeps_client_state_and_rng(tmp_path, run_files):
     engine = FakeEngine()
     torch.manual_seed(3)
-    checkpoint.save(engine, tmp_path, 10, {"iteration": 10, "consumed_train_samples": 80}, run_files, 0,
+    engine_state.save(engine, tmp_path, 10, {"iteration": 10, "consumed_train_samples": 80}, run_files, 0,
                     lambda: None)
     expected = torch.rand(3)
     torch.manual_seed(99)
-    state = checkpoint.load(engine, tmp_path, "global_step10", 0, finetune=False, load_optimizer=False)
+    state = engine_state.load(engine, tmp_path, "global_step10", 0, finetune=False, load_optimizer=False)
     assert state == {"iteration": 10, "consumed_train_samples": 80}
     assert engine.loaded[-1] == {"load_module_only": True, "load_optimizer_states": False,
                                  "load_lr_scheduler_states": False}
     assert torch.equal(torch.rand(3), expected)  # the RNG streams still come back
     torch.manual_seed(99)
     before = torch.random.get_rng_state()
-    checkpoint.load(engine, tmp_path, "global_step10", 0, finetune=False, load_rng=False)
+    engine_state.load(engine, tmp_path, "global_step10", 0, finetune=False, load_rng=False)
     assert torch.equal(torch.random.get_rng_state(), before)  # no_load_rng leaves them alone
     assert engine.loaded[-1]["load_optimizer_states"] is True
 
@@ -243,5 +244,5 @@ def test_forward_check_record_and_comparison(tmp_path):
     assert forward_check.input_for(record, micro_batch=3, seq_length=8) is None
     assert forward_check.compare(tmp_path, 2.5, 2.5) is None
     assert "close to but not exactly" in forward_check.compare(tmp_path, 2.5, 2.5 * (1 + 1e-7))
-    with pytest.raises(checkpoint.CheckpointError, match="not the ones saved"):
+    with pytest.raises(engine_state.CheckpointError, match="not the ones saved"):
         forward_check.compare(tmp_path, 2.5, 2.6)

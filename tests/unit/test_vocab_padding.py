@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
+from neox.checkpoint.engine_state import COMPLETE_MARKER
+from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.layout_state import FullState
 from neox.checkpoint.vocab_padding import (Repad, adopt_checkpoint_padding, check_checkpoint_model,
                                            repad_full_state)
 from neox.config import load_config, save_resolved
-from neox.parallel.layout_state import FullState
 from neox.parallel.parallelize import GradNormClipper, squared_norm
-from neox.train.checkpoint import COMPLETE_MARKER, CheckpointError
 from neox.train.run import ARCHITECTURE_KEYS
 from tests.conftest import GPT2_MERGES, GPT2_VOCAB
 
@@ -111,21 +112,22 @@ def test_repad_keeps_every_row_below_the_new_size_bit_for_bit(saved, padded):
 
 def test_gradient_norm_of_a_gpt2_embedding_is_the_same_whole_or_split_over_tp():
     """The squares of a 50304 x 64 gradient (GPT-2's embedding at tp1), and of its two tp halves summed, agree with
-    the fp64 reference to 1e-12; torch's float32 CPU norm misses it by ~1e-4 here (pytorch/pytorch#169237)."""
+    the fp64 reference to 1e-7; torch's float32 CPU norm misses it by ~1e-4 here (pytorch/pytorch#169237)."""
     gen = torch.Generator().manual_seed(0)
     # Like a tied embedding's gradient: softmax terms on every row, larger rows where tokens occurred.
     grad = torch.rand(50304, 64, generator=gen) * 2e-5
     grad[torch.randint(0, 50304, (500,), generator=gen)] += torch.randn(500, 64, generator=gen) * 1e-2
     reference = grad.double().pow(2).sum()
     halves = squared_norm(grad[:25152]) + squared_norm(grad[25152:])
-    assert float(abs(squared_norm(grad) - reference) / reference) < 1e-12
-    assert float(abs(halves - reference) / reference) < 1e-12
+    assert float(abs(squared_norm(grad) - reference) / reference) < 1e-7
+    assert float(abs(halves - reference) / reference) < 1e-7
+    assert float(abs(grad.norm().double() ** 2 - reference) / reference) > 1e-5  # what it replaces
 
     module = torch.nn.Module()
     module.weight = torch.nn.Parameter(torch.zeros_like(grad))
     module.weight.grad = grad.clone()
     clipper = GradNormClipper(topo=None, max_norm=0.05)  # the single-rank / data-parallel engine's clipper
     clipper.measure(module)
-    assert clipper.last_norm == pytest.approx(float(reference.sqrt()), rel=1e-12)
+    assert clipper.last_norm == pytest.approx(float(reference.sqrt()), rel=1e-7)
     clipper.clip(module)
     assert float(squared_norm(module.weight.grad).sqrt()) == pytest.approx(0.05, rel=1e-5)

@@ -12,7 +12,7 @@ Class(param_groups, weight_decay=weight_decay, **params):
   use_bnb_optimizer, bitsandbytes' Adam8bit.
 - cpu_adam: DeepSpeedCPUAdam (DeepSpeed builds its C++ op on first use: about 40 s once, then cached);
   cpu_torch_adam: torch Adam (L2 decay). Both keep their state on the CPU, so on a GPU they need ZeRO-Offload.
-- lion, sm3, madgrad_wd: neox.train.optimizer_rules; sgd: torch SGD (L2 decay) with muP's per-parameter scaling,
+- lion, sm3, madgrad_wd: neox.optim.rules; sgd: torch SGD (L2 decay) with muP's per-parameter scaling,
   gpt-neox's MuSGD, so only with use_mup.
 """
 from __future__ import annotations
@@ -21,15 +21,14 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from neox.config.optim import OptimConfig
 from neox.config.optimizer_params import OPTIMIZER_PARAMS_BY_TYPE
 from neox.model.mup import ParamWidth
-from neox.train.optimizer_rules import SM3, Lion, MadgradWD, UncorrectedAdam
+from neox.optim.errors import OptimizerError
+from neox.optim.mup import mup_param_groups
+from neox.optim.rules import SM3, Lion, MadgradWD, UncorrectedAdam
 
 OPTIMIZER_TYPES = tuple(OPTIMIZER_PARAMS_BY_TYPE)
-
-
-class OptimizerError(ValueError):
-    pass
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -40,6 +39,14 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
         (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def configured_optimizer(module: torch.nn.Module, optim: OptimConfig, device_type: str,
+                         mup_widths: Mapping[int, ParamWidth] | None) -> torch.optim.Optimizer:
+    """The optimizer the config's optimizer / weight_decay / use_bnb_optimizer keys describe, over module's
+    parameters: what every engine builds (mup_widths: neox.model.mup.widths_by_param of the model, None off muP)."""
+    return build_optimizer(module, optim.optimizer["type"], optim.optimizer["params"], optim.weight_decay,
+                           device_type, mup_widths=mup_widths, use_bnb_optimizer=optim.use_bnb_optimizer)
 
 
 def build_optimizer(model: torch.nn.Module, optimizer_type: str, params: dict[str, Any], weight_decay: float,
@@ -123,35 +130,3 @@ def _reject_unknown(options: dict[str, Any], allowed: set[str], optimizer_type: 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: muP's per-parameter factor (mup_param_groups)
-
-
-def mup_param_groups(groups: list[dict[str, Any]], widths: Mapping[int, ParamWidth], lr: float,
-                     sgd: bool) -> list[dict[str, Any]]:
-    """muP's learning rates per parameter, as mup.MuAdam / mup.MuSGD set them: each group is split by how its
-    parameters' lr scales with width. `lr_scale` multiplies the scheduled lr (set_lr); weight decay is divided by
-    it, so lr x weight_decay stays the same.
-
-    Adam-like: matrix-like (two width dims: hidden weights) lr / width_mult; vector-like (embedding, head, norms,
-    biases) unchanged. SGD: vector-like lr x width_mult, matrix-like lr / (fan-in mult / fan-out mult)."""
-    out = []
-    for group in groups:
-        split: dict[float, dict[str, Any]] = {}
-        for param in group["params"]:
-            if id(param) not in widths:
-                raise OptimizerError(f"muP: a parameter of shape {tuple(param.shape)} has no base shape")
-            scale = _mup_lr_scale(widths[id(param)], sgd)
-            if scale not in split:
-                split[scale] = {**{k: v for k, v in group.items() if k != "params"}, "params": [],
-                                "lr_scale": scale, "lr": lr * scale,
-                                "weight_decay": group["weight_decay"] / scale}
-            split[scale]["params"].append(param)
-        out.extend(split.values())
-    return out
-
-
-def _mup_lr_scale(width: ParamWidth, sgd: bool) -> float:
-    if sgd:
-        if width.ninf == 1:
-            return width.width_mult
-        return 1.0 / width.fanin_fanout_ratio if width.ninf == 2 else 1.0
-    return 1.0 / width.width_mult if width.ninf == 2 else 1.0

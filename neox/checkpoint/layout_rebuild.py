@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
-from neox.checkpoint.consolidated import CheckpointError, _expected_shapes, _load
+from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.layout_state import MOMENTS, STATE_DIR, StageShard, write_layout_free_file
+from neox.checkpoint.safe_load import load_state_file
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved
-from neox.parallel.layout_state import MOMENTS, STATE_DIR, StageShard, write_layout_free_file
+from neox.model.shapes import state_shapes
+from neox.optim import param_groups
 from neox.parallel.sharding import ShardingError, config_overrides, merge_state_dicts, tp_split_dim
-from neox.train.optimizer import param_groups
 
 _TIED_PREFIX = "tied_modules.word_embeddings."
 _PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
@@ -152,7 +154,7 @@ def _read_flat_partitions(layout: _Layout, pp_rank: int, tp_rank: int, files: li
     mp = layout.mp_rank(pp_rank, tp_rank)
     origin = _model_states_file(layout, mp)
     states = [_optimizer_state(path) for path in files]
-    model_states = _load(origin)
+    model_states = load_state_file(origin)
     if model_states.get("param_shapes") is None and "param_slice_mappings" in states[0]:
         shapes = _shapes_from_slice_mappings(layout, pp_rank, tp_rank, states)  # the bf16 optimizer
     else:
@@ -183,7 +185,7 @@ def _shapes_from_slice_mappings(layout: _Layout, pp_rank: int, tp_rank: int,
                                 states: list[dict[str, Any]]) -> list[dict[str, torch.Size]]:
     """The bf16 optimizer records no param_shapes, only each dp slice's fragments (name -> numel, start) in group
     order, parameters packed without padding; the shapes come from the model config and the tp sharding plan."""
-    full_shapes = _expected_shapes(layout.cfg)
+    full_shapes = state_shapes(layout.cfg.model)
     groups = []
     for g in range(len(states[0]["param_slice_mappings"])):
         names: dict[str, None] = {}
@@ -204,7 +206,7 @@ def _shapes_from_slice_mappings(layout: _Layout, pp_rank: int, tp_rank: int,
 def _read_zero3(layout: _Layout, tp_rank: int, files: list[Path]) -> ShardState:
     """ZeRO 3: each parameter cut into ceil(numel / dp) pieces, rank d holding piece d of every parameter."""
     origin = _model_states_file(layout, tp_rank)
-    shapes = _param_shapes(_load(origin), origin)
+    shapes = _param_shapes(load_state_file(origin), origin)
     states = [_optimizer_state(path) for path in files]
     ranks = len(states)
     base = [s["optimizer_state_dict"]["state"] for s in states]
@@ -227,7 +229,7 @@ def _read_zero3(layout: _Layout, tp_rank: int, files: list[Path]) -> ShardState:
 
 
 def _optimizer_state(path: Path) -> dict[str, Any]:
-    state = _load(path).get("optimizer_state_dict")
+    state = load_state_file(path).get("optimizer_state_dict")
     if not isinstance(state, dict):
         raise LayoutRebuildError(f"{path} has no optimizer_state_dict")
     return state
@@ -235,7 +237,7 @@ def _optimizer_state(path: Path) -> dict[str, Any]:
 
 def _optimizer_order(shapes: list[torch.Size]) -> list[int]:
     """Positions of a module's parameters (in module order) in the order of the param groups that
-    neox.train.optimizer builds over them, which is the order of the optimizer state's indices."""
+    neox.optim builds over them, which is the order of the optimizer state's indices."""
     params = [(str(i), torch.nn.Parameter(torch.empty(shape, device="meta"))) for i, shape in enumerate(shapes)]
     position = {id(p): i for i, (_, p) in enumerate(params)}
     return [position[id(p)] for group in param_groups(params, weight_decay=0.0) for p in group["params"]]
@@ -249,7 +251,7 @@ def _pipeline_stage_params(layout: _Layout, pp_rank: int, tp_rank: int) -> list[
     layers = []
     for path in sorted(layout.ckpt_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
         index = int(path.name.split("-")[0].removeprefix("layer_"))
-        layers.append((index, _load(path)))
+        layers.append((index, load_state_file(path)))
     layers.sort(key=lambda pair: pair[0])
     if not layers or layers[0][0] != 0:
         raise LayoutRebuildError(f"{layout.ckpt_dir} has no layer_00-model_{tp_rank:02d}-model_states.pt")
@@ -282,7 +284,7 @@ def _stage_counts(layout: _Layout, stage: int, tp_rank: int) -> int:
 def _zero0_optimizer(layout: _Layout, mp: int) -> tuple[dict[str, Any], list[torch.Tensor] | None, dict[str, Any]]:
     """(torch optimizer state_dict, the unfused optimizer's fp32 masters in the same order or None, model states)."""
     path = _model_states_file(layout, mp)
-    model_states = _load(path)
+    model_states = load_state_file(path)
     optimizer = model_states.get("optimizer")
     if not isinstance(optimizer, dict):
         raise LayoutRebuildError(f"{path} holds no optimizer state: it was saved without it (a finetune export?)")
@@ -362,7 +364,7 @@ def client_state_of(ckpt_dir: Path, keys: tuple[str, ...], optional: tuple[str, 
     keys are carried when the checkpoint has them (older checkpoints predate them)."""
     layout = _layout_of_checkpoint(ckpt_dir)
     path = _model_states_file(layout, 0)
-    states = _load(path)
+    states = load_state_file(path)
     missing = [k for k in keys if k not in states]
     if missing:
         raise LayoutRebuildError(f"{path} lacks the training loop's client state {missing}")

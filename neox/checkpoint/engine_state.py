@@ -31,13 +31,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from neox.checkpoint.errors import CheckpointError
+
 COMPLETE_MARKER = "complete.json"
 LATEST_FILE = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def tag_for(iteration: int) -> str:

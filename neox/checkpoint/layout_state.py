@@ -12,7 +12,7 @@ state; loading slices it for the new layout and writes weights and moments into 
 optimizer, ZeRO 1/2/3 partitions, or the fp32 masters of DeepSpeed's 16-bit optimizers at ZeRO 0 (the unfused
 one, and the bf16 one of pipelines). So tp=2,pp=2 -> tp=1,pp=1, or -> dp=2 ZeRO-3 (any change of tp, pp, dp or
 ZeRO stage) resumes exactly. Saved with checkpoint_layout_free: false, the copy is rebuilt offline from DeepSpeed's
-files (neox/parallel/layout_rebuild.py, tools/reshard_checkpoint.py).
+files (neox/checkpoint/layout_rebuild.py, tools/reshard_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from neox.checkpoint.errors import CheckpointError
 from neox.parallel.sharding import ShardingError, merge_state_dicts, shard_tensor, split_overrides
 from neox.parallel.topology import Topology
-from neox.train.checkpoint import CheckpointError
 
 STATE_DIR = "layout_free"
 FORMAT = "neox-layout-free/1"
