@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml tools/setup_env.sh tools/setup_system.sh
 setup: $(VENV)/.installed
 
 # Every tier: unit (one process), distributed (2-4 gloo ranks), e2e (the CLI as a user runs it).
+# The unit tier runs on two workers, one test file each (a file's module fixtures are built once); the distributed
+# and e2e tiers launch 2-4 ranks per test and run one test at a time. Both run even if the first fails.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests --durations=25
+	rc=0; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit -n 2 --dist loadfile --durations=15 || rc=1; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/distributed tests/e2e --durations=25 || rc=1; \
+	exit $$rc
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow"

@@ -79,7 +79,7 @@ def our_config(tmp_dir: Path, shape: dict):
 
 def build_ours(tmp_dir: Path, shape: dict) -> tuple[Step, torch.nn.Module, torch.optim.Optimizer]:
     from neox.model import GPTNeoX
-    from neox.parallel.runtime import all_reduce_mean, init_runtime
+    from neox.parallel.runtime import init_runtime
     from neox.train.engine import TrainEngine
 
     cfg = our_config(tmp_dir, shape)
@@ -87,6 +87,13 @@ def build_ours(tmp_dir: Path, shape: dict) -> tuple[Step, torch.nn.Module, torch
     torch.manual_seed(0)
     model = GPTNeoX(cfg.model)
     train_engine = TrainEngine(cfg, model, runtime.device)  # what neox/train/run.py trains
+    return timed_train_step(train_engine, LR), model, train_engine.engine.optimizer
+
+
+def timed_train_step(train_engine, lr: float) -> Step:
+    """One training step of a TrainEngine on one micro-batch, timed whole and in its optimizer part."""
+    from neox.parallel.runtime import all_reduce_mean
+
     engine = train_engine.engine
     engine.train()
     # DeepSpeed's engine.step (clipping, optimizer step, zero_grad) is the optimizer part of our step.
@@ -103,11 +110,11 @@ def build_ours(tmp_dir: Path, shape: dict) -> tuple[Step, torch.nn.Module, torch
     def step(batch: dict[str, torch.Tensor]) -> StepTime:
         wall, cpu = time.perf_counter(), time.process_time()
         # Trainer.train_step: one engine step over the micro-batches, then the loss averaged over ranks.
-        loss, _ = train_engine.step(iter([batch]), grad_accum=1, lr=LR)
+        loss, _ = train_engine.step(iter([batch]), grad_accum=1, lr=lr)
         loss = float(all_reduce_mean(loss))
         return StepTime(time.perf_counter() - wall, optimizer_seconds[0], time.process_time() - cpu, loss)
 
-    return step, model, engine.optimizer
+    return step
 
 
 def same_optimizer(ours: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:

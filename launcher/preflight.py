@@ -88,7 +88,9 @@ def check_data(cfg: NeoXConfig, vocab_size: int) -> None:
             check_token_ids(prefix, vocab_size, key=key, tokenizer=tokenizer_label(cfg.data))
         except DataError as err:
             raise _error(str(err), cfg) from None
-    for key in ("train_label_data_paths", "valid_label_data_paths", "test_label_data_paths"):
+    value_keys = [f"{split}_{kind}_data_paths" for kind in ("label", "reward") for split in ("train", "valid", "test")]
+    value_keys += [f"{side}_{split}_label_data_paths" for split in ("train", "valid", "test") for side in ("pos", "neg")]
+    for key in value_keys:
         for i, prefix in enumerate(getattr(cfg.data, key) or []):
             if not IndexedDataset.exists(prefix):
                 raise _error(f"'{key}' entry {i}: no dataset at prefix {prefix!r} (.bin and .idx)", cfg)
@@ -116,12 +118,14 @@ def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> N
     from neox.checkpoint.engine_state import complete_tags, resolve_load_tag
     from neox.checkpoint.errors import CheckpointError
     from neox.checkpoint.gpt_neox import open_gpt_neox_checkpoint
+    from neox.checkpoint.load_folder import require_folder, start_from_scratch
     from neox.checkpoint.vocab_padding import check_checkpoint_model
     from neox.config.resolved import load_resolved
     from neox.train.run import ARCHITECTURE_KEYS
 
     load = Path(cfg.train.load)
     try:
+        require_folder(load)
         gpt_neox = open_gpt_neox_checkpoint(load, cfg.train.iteration)  # one EleutherAI's gpt-neox wrote
         if gpt_neox is not None:
             checkpoint_dir, saved_model = gpt_neox.path, gpt_neox.config.model
@@ -131,12 +135,15 @@ def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> N
             else:
                 tag = resolve_load_tag(load, cfg.train.iteration)
                 if tag is None:
-                    return  # a fresh run whose save == load: nothing to resume yet
+                    start_from_scratch(load, cfg.train.save)  # the rank prints the line; here only refuse
+                    return
                 checkpoint_dir = load / tag
             saved_model = load_resolved(checkpoint_dir / "config.yml").model
         check_checkpoint_model(saved_model, cfg.model, vocab_size, ARCHITECTURE_KEYS, checkpoint_dir)
     except CheckpointError as err:
         raise _error(f"'load': {err}", cfg) from None
+    except ConfigError as err:
+        raise _error(str(err), cfg) from None
     broken = unreadable_torch_files(checkpoint_dir)
     if broken:
         older = [t for t in complete_tags(load) if load / t != checkpoint_dir]
@@ -145,6 +152,23 @@ def check_resume_checkpoint(cfg: NeoXConfig, vocab_size: int | None = None) -> N
             f"{' ...' if len(broken) > 3 else ''} cannot be read (truncated or corrupt torch file). Resume from "
             + (f"an older checkpoint ({', '.join(older)}): write its tag into {load / 'latest'}" if older else
                "another checkpoint") + ", or delete the damaged one", cfg)
+    if gpt_neox is None:  # gpt-neox's files allow more records (numpy, argparse): its reader checks them itself
+        check_no_foreign_objects(checkpoint_dir, cfg)
+
+
+def check_no_foreign_objects(checkpoint_dir: Path, cfg: NeoXConfig) -> None:
+    """Every .pt file of a neox checkpoint holds tensors and DeepSpeed's plain records only: anything else would be
+    refused by the ranks' weights-only loads, and might be a crafted file that runs code when unpickled. Scans the
+    pickle streams without running them."""
+    from neox.checkpoint.safe_load import foreign_globals, foreign_objects_refusal
+
+    for path in sorted(checkpoint_dir.rglob("*.pt")):
+        try:
+            foreign = foreign_globals(path)
+        except Exception:  # a zip but not torch's: the rank's load names the file and the error
+            continue
+        if foreign:
+            raise _error(f"'load': {foreign_objects_refusal(path, foreign)}", cfg)
 
 
 def check_checkpoint_exists(cfg: NeoXConfig, iteration: int | None = None) -> None:

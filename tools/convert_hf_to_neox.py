@@ -1,4 +1,5 @@
-"""Import a local Hugging Face GPTNeoX (Pythia), GPT-2 or Llama model as a neox model ready to fine-tune.
+"""Import a local Hugging Face GPTNeoX (Pythia), GPT-2, Llama, Mistral, Mixtral or Qwen2-MoE model as a neox model
+ready to fine-tune.
 
     python tools/convert_hf_to_neox.py --hf path/to/hf_model --output runs/pythia-160m
     python tools/convert_hf_to_neox.py --hf DIR --gguf-file model.Q4_1.gguf --output runs/smollm2

@@ -351,28 +351,40 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_guarded(run_fn, args: argparse.Namespace) -> tuple[int, object]:
+    """(exit code, run_fn(args)): bad input exits 2 with one line, Ctrl-C/SIGTERM 130 (the writers have removed their
+    temporary files), I/O failures and dead workers 1. Shared by the preprocessing tools."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        totals = run(args)
+        return 0, run_fn(args)
     except (InputError, TokenizerError, IndexedDatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, None
     except (KeyboardInterrupt, Terminated):
         print("interrupted: no output written (temporary files removed)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, None
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, None
     except BrokenExecutor as err:
         print(f"error: a tokenizer worker died ({err}); no output written. Out of memory? Try fewer "
               "--workers or a smaller --batch-size", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for example in totals.stats.bad_line_examples:
+
+
+def print_skipped(stats: ReadStats) -> None:
+    for example in stats.bad_line_examples:
         print(f"skipped: {example}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code, totals = run_guarded(run, args)
+    if code:
+        return code
+    print_skipped(totals.stats)
     print(summary_line(totals))
     return 0
 

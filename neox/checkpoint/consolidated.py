@@ -38,12 +38,16 @@ from neox.checkpoint.errors import CheckpointError
 from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, find_gpt_neox_checkpoint, is_gpt_neox_checkpoint
 from neox.checkpoint.layout_rebuild import merged_weights
 from neox.checkpoint.layout_state import consolidated_weights, has_layout_free_state
+from neox.checkpoint.lora_base import BASE_FILE, base_of, is_lora_checkpoint
 from neox.checkpoint.safe_load import load_state_file
+from neox.config.lora import lora_settings
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved, save_resolved
 from neox.model import GPTNeoX
 from neox.model.base_shapes import mup_setup
+from neox.model.lora import adapter_state, check_adapters, merged_state
 from neox.model.shapes import state_shapes
+from neox.model.value_head import is_reward_model
 from neox.model.state import persistent_buffers
 from neox.tokenizer import Tokenizer, build_tokenizer
 
@@ -58,7 +62,7 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 
 StateDict = dict[str, torch.Tensor]
 
-__all__ = ["CONSOLIDATED_FORMAT", "find_checkpoint", "consolidate", "load_model",
+__all__ = ["CONSOLIDATED_FORMAT", "find_checkpoint", "consolidate", "load_model", "lora_adapters",
            "save_consolidated", "read_consolidated", "is_consolidated", "checkpoint_tokenizer"]
 
 
@@ -118,28 +122,65 @@ def consolidate(checkpoint_dir: str | Path) -> tuple[NeoXConfig, StateDict]:
         gpt_neox = GptNeoxCheckpoint.open(checkpoint_dir)
         return gpt_neox.config, gpt_neox.weights()
     cfg = _saved_config(checkpoint_dir)
-    # Saved with no_save_optim: no DeepSpeed files, the weights are the layout-free copy alone.
-    if cfg.parallel.is_model_parallel or not has_engine_state(checkpoint_dir):
-        weights = merge_parallel_checkpoint(checkpoint_dir, cfg)
-    elif cfg.optim.zero_stage == 3:
-        weights = _zero3_weights(checkpoint_dir)
-    elif cfg.optim.precision in ("fp16", "bfloat16"):
-        weights = _master_weights(checkpoint_dir)
+    settings = lora_settings(cfg.train.lora)
+    if settings is not None:
+        # A LoRA run saved its adapters only: the model it trained is its base with them folded in.
+        _, adapters, base_dir = lora_adapters(checkpoint_dir)
+        _, base = consolidate(base_dir)
+        if base[_EMBEDDING].shape[0] != cfg.model.padded_vocab_size:  # the run re-padded the base's vocabulary
+            base = {k: _resized_rows(t, cfg.model.padded_vocab_size) if k in (_EMBEDDING, _TIED_HEAD) else t
+                    for k, t in base.items()}
+        weights = merged_state(base, adapters, settings)
     else:
-        weights = _module_weights(checkpoint_dir)
+        weights = _trained_weights(checkpoint_dir, cfg)
     _check_weights(cfg, weights, checkpoint_dir)
     return cfg, weights
+
+
+def _trained_weights(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDict:
+    """The parameters a training checkpoint of neox holds (a LoRA run's: its adapters), in fp32."""
+    # Saved with no_save_optim: no DeepSpeed files, the weights are the layout-free copy alone.
+    if cfg.parallel.is_model_parallel or not has_engine_state(checkpoint_dir):
+        return merge_parallel_checkpoint(checkpoint_dir, cfg)
+    if cfg.optim.zero_stage == 3:
+        return _zero3_weights(checkpoint_dir)
+    if cfg.optim.precision in ("fp16", "bfloat16"):
+        return _master_weights(checkpoint_dir)
+    return _module_weights(checkpoint_dir)
+
+
+def lora_adapters(checkpoint_dir: str | Path) -> tuple[NeoXConfig, StateDict, Path]:
+    """A LoRA run's checkpoint: (its config, its adapters in fp32 and single-device names, the base directory)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = _saved_config(checkpoint_dir)
+    settings = lora_settings(cfg.train.lora)
+    if settings is None or not is_lora_checkpoint(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir} is not a checkpoint of a LoRA run (its config has no 'lora' or it "
+                              f"has no {BASE_FILE})")
+    base_dir = base_of(checkpoint_dir)
+    adapters = adapter_state(_trained_weights(checkpoint_dir, cfg))
+    try:
+        check_adapters(adapters, state_shapes(cfg.model), settings, str(checkpoint_dir))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return cfg, adapters, base_dir
+
+
+def _resized_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t[:rows].clone() if t.shape[0] >= rows else torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
 
 
 def merge_parallel_checkpoint(checkpoint_dir: Path, cfg: NeoXConfig) -> StateDict:
     """Tensor/pipeline-parallel checkpoints: neox.parallel writes every rank's full-precision parameters in
     single-device names (layout_free/) and knows how it split them; it merges them back. A checkpoint saved
-    without that copy (checkpoint_layout_free: false) is merged from DeepSpeed's own files instead."""
+    without that copy (checkpoint_layout_free: false) is merged from DeepSpeed's own files instead. A LoRA run's
+    hold its adapters only (no embedding to tie a head to)."""
+    tied = not cfg.model.no_weight_tying and lora_settings(cfg.train.lora) is None and not is_reward_model(cfg)
     if has_layout_free_state(checkpoint_dir):
-        weights = consolidated_weights(checkpoint_dir, tied_head=not cfg.model.no_weight_tying)
+        weights = consolidated_weights(checkpoint_dir, tied_head=tied)
     else:
         weights = merged_weights(checkpoint_dir)
-        if not cfg.model.no_weight_tying:
+        if tied:
             weights[_TIED_HEAD] = weights[_EMBEDDING]
     weights.update(persistent_buffers(cfg.model))  # both hold parameters only (rotary_save_freqs_buffer's inv_freq)
     return {k: v.detach().to(torch.float32) for k, v in weights.items()}
@@ -261,7 +302,7 @@ def _zero3_weights(checkpoint_dir: Path) -> StateDict:
 
 
 def _check_weights(cfg: NeoXConfig, weights: StateDict, origin: Path) -> None:
-    expected = state_shapes(cfg.model)
+    expected = state_shapes(cfg.model, value_head=is_reward_model(cfg))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     wrong = [f"{k} {tuple(weights[k].shape)} (config says {tuple(expected[k])})"
@@ -298,7 +339,7 @@ def load_model(path: str | Path, iteration: int | None = None, device: str | tor
     cfg, weights = consolidate(checkpoint_dir)
     # Building the model draws initial weights from the global RNG; the caller's sampling seed must not move.
     with torch.random.fork_rng(devices=[]):
-        model = GPTNeoX(cfg.model, mup_setup(cfg.mup))  # a muP model keeps its multipliers
+        model = GPTNeoX(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))  # muP keeps its multipliers
     model.load_state_dict(weights, strict=True)
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, checkpoint_tokenizer(checkpoint_dir, cfg)
@@ -367,7 +408,7 @@ def read_consolidated(directory: str | Path) -> tuple[NeoXConfig, StateDict]:
         weights = load_file(str(directory / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE}: {err}") from None
-    if not cfg.model.no_weight_tying and _EMBEDDING in weights:
+    if not cfg.model.no_weight_tying and _EMBEDDING in weights and not is_reward_model(cfg):
         weights[_TIED_HEAD] = weights[_EMBEDDING]
     _check_weights(cfg, weights, directory)
     return cfg, weights

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.safe_load import deepspeed_loads_weights_only, weights_only_load
 
 COMPLETE_MARKER = "complete.json"
 LATEST_FILE = "latest"
@@ -122,6 +123,17 @@ class RunFiles:
     tokenizer_files: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class SaveInProgress:
+    """A checkpoint whose files are written (or being written in the background) but not yet marked complete."""
+    save_dir: Path
+    ckpt_dir: Path
+    iteration: int
+    record: dict[str, Any]  # complete.json's content
+    keep_last: int | None
+    began: float  # time.perf_counter() when the save began
+
+
 def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], run_files: RunFiles,
          rank: int, barrier: Callable[[], None], keep_last: int | None = None,
          write_extra: Callable[[Path], None] | None = None, *, engine_state: bool = True, save_rng: bool = True,
@@ -130,6 +142,19 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
     every rank after the engine state, adds files that must exist before the checkpoint counts as complete.
     engine_state False (no_save_optim) skips DeepSpeed's files, save_rng False the RNG files; config_files
     (name -> text) go to configs/."""
+    started = begin_save(engine, save_dir, iteration, client_state, run_files, rank, barrier, keep_last, write_extra,
+                         engine_state=engine_state, save_rng=save_rng, config_files=config_files)
+    return finish_save(started, rank, barrier)
+
+
+def begin_save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], run_files: RunFiles,
+               rank: int, barrier: Callable[[], None], keep_last: int | None = None,
+               write_extra: Callable[[Path], None] | None = None, *, engine_state: bool = True,
+               save_rng: bool = True, config_files: dict[str, Any] | None = None) -> SaveInProgress:
+    """Collective: every file of the checkpoint except the completion marker and `latest` (finish_save). Files the
+    engine or write_extra hand to a background writer may still be in flight when it returns. One barrier (after a
+    leftover of the same step is removed); with finish_save's two, a save costs three."""
+    began = time.perf_counter()
     tag = tag_for(iteration)
     ckpt_dir = save_dir / tag
     if rank == 0 and ckpt_dir.exists():
@@ -137,7 +162,9 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
         remove_checkpoint(ckpt_dir)
     barrier()
     if engine_state:
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        # Frozen parameters (a LoRA run's base) are not saved: they come from the base checkpoint the run names.
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=has_frozen_parameters(engine))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if save_rng:
         (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
@@ -146,7 +173,7 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
         os.replace(rng_file.with_suffix(".tmp"), rng_file)
     if write_extra is not None:
         write_extra(ckpt_dir)
-    barrier()
+    # No barrier here: finish_save's first one is where every rank's files are known to be written.
     if rank == 0:
         shutil.copy2(run_files.resolved_config, ckpt_dir / "config.yml")
         tok_dir = ckpt_dir / "tokenizer"
@@ -154,17 +181,30 @@ def save(engine, save_dir: Path, iteration: int, client_state: dict[str, Any], r
         for f in run_files.tokenizer_files:
             shutil.copy2(f, tok_dir / Path(f).name)
         write_config_files(ckpt_dir, config_files)
+    record = {"iteration": iteration, "engine_state": engine_state, "rng": save_rng}
+    return SaveInProgress(save_dir, ckpt_dir, iteration, record, keep_last, began)
+
+
+def finish_save(started: SaveInProgress, rank: int, barrier: Callable[[], None]) -> Path:
+    """Collective, once every rank's files are durable (written, fsynced and renamed into place): the completion
+    marker, then `latest`, then the removal of checkpoints past keep_last."""
+    barrier()  # every rank has written its files (or waited for its background writer) before the marker
+    if rank == 0:
+        ckpt_dir, save_dir = started.ckpt_dir, started.save_dir
         # The marker must not reach the disk before the files it vouches for (power loss, not only kill -9).
         fsync_tree(ckpt_dir)
-        write_text_atomic(ckpt_dir / COMPLETE_MARKER,
-                          json.dumps({"iteration": iteration, "time": time.time(), "engine_state": engine_state,
-                                      "rng": save_rng}) + "\n")
-        write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
-        if keep_last:
-            for old in complete_tags(save_dir)[:-keep_last]:
+        write_text_atomic(ckpt_dir / COMPLETE_MARKER, json.dumps({**started.record, "time": time.time()}) + "\n")
+        write_text_atomic(save_dir / LATEST_FILE, ckpt_dir.name + "\n")
+        if started.keep_last:
+            for old in complete_tags(save_dir)[:-started.keep_last]:
                 remove_checkpoint(save_dir / old)
     barrier()
-    return ckpt_dir
+    return started.ckpt_dir
+
+
+def has_frozen_parameters(engine) -> bool:
+    """The module has parameters that do not train (a LoRA base): its checkpoints hold the trained ones only."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def write_config_files(ckpt_dir: Path, config_files: dict[str, Any] | None) -> None:
@@ -196,6 +236,31 @@ def rng_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / "rng" / f"rank{rank}.pt"
 
 
+def has_rng_state(ckpt_dir: Path) -> bool:
+    """False for a checkpoint saved with no_save_rng; checkpoints written before that key always had rng/."""
+    return bool(completion_record(ckpt_dir).get("rng", True))
+
+
+def read_rng_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
+    """This rank's RNG streams, read weights-only. A checkpoint that has rng/ but not this rank's file (copied in
+    part, or written by fewer ranks) is refused: resuming on with other streams would silently change the run."""
+    path = rng_file(ckpt_dir, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: checkpoint {ckpt_dir} keeps every rank's RNG streams, but not "
+                              f"rank {rank}'s. Restore the file, or set 'no_load_rng: true' to resume with fresh "
+                              "dropout streams")
+    return weights_only_load(path)
+
+
+def missing_rng_warning(ckpt_dir: Path, rank: int) -> str | None:
+    """no_load_rng: the one line to print when this rank's RNG file is missing from a checkpoint that has rng/."""
+    path = rng_file(ckpt_dir, rank)
+    if not has_rng_state(ckpt_dir) or path.is_file():
+        return None
+    return (f"WARNING: {path} is missing from checkpoint {ckpt_dir}; no_load_rng is set, so rank {rank} reseeds its "
+            "dropout streams instead")
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file under root, then the directories holding their names. On a shared filesystem the other
     nodes' files were flushed to the server when their ranks closed them; this covers the local disk."""
@@ -225,16 +290,16 @@ def load(engine, load_dir: Path, tag: str, rank: int, finetune: bool, *, load_op
     finetune loads the module weights only and returns {}; load_optimizer False (no_load_optim) loads the module
     weights and returns the client state; load_rng False (no_load_rng) leaves the RNG streams alone."""
     module_only = finetune or not load_optimizer
-    load_path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_module_only=module_only, load_optimizer_states=not module_only,
-        load_lr_scheduler_states=not module_only)
+    with deepspeed_loads_weights_only(engine, load_dir / tag):  # a crafted checkpoint must not run code
+        load_path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_module_only=module_only, load_optimizer_states=not module_only,
+            load_lr_scheduler_states=not module_only, load_module_strict=not has_frozen_parameters(engine))
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
     if finetune:
         return {}
-    saved_rng = rng_file(load_dir / tag, rank)
-    if load_rng and saved_rng.is_file():
-        set_rng_state(torch.load(saved_rng, weights_only=True))
+    if load_rng and has_rng_state(load_dir / tag):
+        set_rng_state(read_rng_state(load_dir / tag, rank))
     return client_state or {}
 
 

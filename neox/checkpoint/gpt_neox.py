@@ -49,7 +49,7 @@ import torch
 
 from neox.checkpoint.engine_state import LATEST_FILE
 from neox.checkpoint.errors import CheckpointError
-from neox.checkpoint.safe_load import deepspeed_record_types
+from neox.checkpoint.safe_load import deepspeed_record_types, weights_only_load
 from neox.config.errors import ConfigError
 from neox.config.load import load_config
 from neox.config.model import ModelConfig
@@ -147,32 +147,11 @@ def _record_types() -> list[Any]:
 
 
 def _torch_load(path: Path, with_records: bool) -> dict[str, Any]:
-    mmap = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
-    try:
-        if with_records:
-            with torch.serialization.safe_globals(_record_types()):
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # UnpicklingError for a foreign object, RuntimeError / OSError for a damaged file
-        raise CheckpointError(_unreadable(path, err)) from None
+    # torch's legacy (non-zip) format cannot be memory-mapped
+    data = weights_only_load(path, mmap=zipfile.is_zipfile(path), allowed=_record_types() if with_records else ())
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not the state dict gpt-neox saves")
     return data
-
-
-def _unreadable(path: Path, err: Exception) -> str:
-    try:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not even a readable archive
-        foreign = []
-    allowed = {t[1] if isinstance(t, tuple) else f"{t.__module__}.{t.__qualname__}" for t in _record_types()}
-    foreign = [name for name in foreign if name not in allowed]
-    if foreign:
-        return (f"cannot read {path} safely: besides tensors it holds {', '.join(foreign[:6])}, which "
-                "torch.load(weights_only=True) will not build (it could run code). Re-save that file's tensors "
-                "alone, e.g. with torch.save(state_dict) from a trusted session")
-    return f"cannot read {path} with torch.load(weights_only=True): {err}"
 
 
 @dataclass

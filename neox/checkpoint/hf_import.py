@@ -1,5 +1,5 @@
-"""A local Hugging Face GPTNeoX / GPT-2 / Llama model (safetensors, .bin or GGUF) -> a consolidated neox model plus
-the model.yml that fine-tunes it: `deepy.py train OUT/model.yml my_data.yml`.
+"""A local Hugging Face GPTNeoX / GPT-2 / Llama / Mistral / Mixtral / Qwen2-MoE model (safetensors, .bin or GGUF) -> a
+consolidated neox model plus the model.yml that fine-tunes it: `deepy.py train OUT/model.yml my_data.yml`.
 
 The weights go through neox.model.hf (the one exact mapping). The vocabulary is padded with zero rows to a multiple
 of make_vocab_size_divisible_by x tp, so the same directory loads at any tensor-parallel size up to --tp.
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from neox.checkpoint.consolidated import save_consolidated
 from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.hf_reward import from_hf_reward_state_dict, is_hf_reward_model
 from neox.checkpoint.hf_tokenizer import import_tokenizer
 from neox.config.load import load_config
 from neox.model.hf import from_hf_state_dict
@@ -87,11 +88,13 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def model_yaml(model_cfg, tokenizer_type: str, vocab_file: Path | None, merge_file: Path | None, load_dir: Path,
-               opts: ImportOptions) -> str:
-    """The YAML a user trains with: architecture, tokenizer, and `load` + `finetune` pointing at the weights."""
+               opts: ImportOptions, reward: bool = False) -> str:
+    """The YAML a user trains with: architecture, tokenizer, and `load` + `finetune` pointing at the weights (and for
+    a reward model, train_impl rm on pairwise data)."""
     model = {k: v for k, v in dataclasses.asdict(model_cfg).items()}
     body = {
         **model,
+        **({"train_impl": "rm", "dataset_impl": "pairwise"} if reward else {}),
         "model_parallel_size": opts.tp,
         "pipe_parallel_size": opts.pp,
         "tokenizer_type": tokenizer_type,
@@ -109,12 +112,16 @@ def model_yaml(model_cfg, tokenizer_type: str, vocab_file: Path | None, merge_fi
 
 def _padded_weights(hf_config, hf_weights: StateDict, tokenizer_vocab: int, opts: ImportOptions):
     """(ModelConfig, neox weights) with the vocabulary rows zero-padded to a multiple of divisible_by x tp."""
-    model_cfg, weights = from_hf_state_dict(hf_config, hf_weights, opts.make_vocab_size_divisible_by)
+    # A *ForSequenceClassification is a reward model: its score layer becomes the value head (hf_reward.py).
+    reward = is_hf_reward_model(hf_config)
+    convert = from_hf_reward_state_dict if reward else from_hf_state_dict
+    model_cfg, weights = convert(hf_config, hf_weights, opts.make_vocab_size_divisible_by)
     multiple = opts.make_vocab_size_divisible_by * opts.tp
     padded = multiple * -(-max(hf_config.vocab_size, tokenizer_vocab) // multiple)
     for key in ("embedding.word_embeddings.weight", "head.weight"):
-        weights[key] = _pad_rows(weights[key], padded)
-    if not model_cfg.no_weight_tying:
+        if key in weights:
+            weights[key] = _pad_rows(weights[key], padded)
+    if not model_cfg.no_weight_tying and not reward:
         weights["head.weight"] = weights["embedding.word_embeddings.weight"]
     model_cfg.padded_vocab_size = padded
     if opts.seq_length is not None:
@@ -142,7 +149,8 @@ def convert_hf_to_neox(hf_dir: str | Path, out_dir: str | Path, opts: ImportOpti
         steps.update()
         tok_dir = out_dir / "tokenizer"
         text = model_yaml(model_cfg, imported.tokenizer_type, tok_dir / imported.vocab_name if imported.vocab_name
-                          else None, tok_dir / imported.merge_name if imported.merge_name else None, out_dir, opts)
+                          else None, tok_dir / imported.merge_name if imported.merge_name else None, out_dir, opts,
+                          reward=is_hf_reward_model(hf_config))
         (work / MODEL_YAML).write_text(text, encoding="utf-8")
         # Resolve as `deepy train` will, so a key the config rejects fails here and not at training time. (A batch
         # size is needed to resolve at all; the user's data config supplies the real one.)

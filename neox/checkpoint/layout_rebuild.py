@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from neox.checkpoint.errors import CheckpointError
-from neox.checkpoint.layout_state import MOMENTS, STATE_DIR, StageShard, write_layout_free_file
+from neox.checkpoint.layout_state import MOMENTS, STATE_DIR, OfflineWriter, StageShard
 from neox.checkpoint.safe_load import load_state_file
 from neox.config.neox_config import NeoXConfig
 from neox.config.resolved import load_resolved
 from neox.model.shapes import state_shapes
+from neox.model.value_head import is_reward_model
 from neox.optim import param_groups
 from neox.parallel.sharding import ShardingError, config_overrides, merge_state_dicts, tp_split_dim
 
@@ -185,7 +186,7 @@ def _shapes_from_slice_mappings(layout: _Layout, pp_rank: int, tp_rank: int,
                                 states: list[dict[str, Any]]) -> list[dict[str, torch.Size]]:
     """The bf16 optimizer records no param_shapes, only each dp slice's fragments (name -> numel, start) in group
     order, parameters packed without padding; the shapes come from the model config and the tp sharding plan."""
-    full_shapes = state_shapes(layout.cfg.model)
+    full_shapes = state_shapes(layout.cfg.model, value_head=is_reward_model(layout.cfg))
     groups = []
     for g in range(len(states[0]["param_slice_mappings"])):
         names: dict[str, None] = {}
@@ -332,7 +333,7 @@ def _layout_of_checkpoint(ckpt_dir: Path) -> _Layout:
     cfg = load_resolved(config)
     return _Layout(cfg=cfg, ckpt_dir=ckpt_dir, tp_size=cfg.parallel.model_parallel_size,
                    pp_size=max(cfg.parallel.pipe_parallel_size, 1), pipeline=cfg.parallel.pipe_parallel_size >= 1,
-                   tied=not cfg.model.no_weight_tying)
+                   tied=not cfg.model.no_weight_tying and not is_reward_model(cfg))
 
 
 def read_shard(ckpt_dir: Path, pp_rank: int, tp_rank: int) -> ShardState:
@@ -382,12 +383,13 @@ def rebuild_layout_free_state(ckpt_dir: Path, client_keys: tuple[str, ...], repl
     build_root = ckpt_dir / f".{STATE_DIR}-build-{os.getpid()}"
     shutil.rmtree(build_root, ignore_errors=True)
     try:
+        writer = OfflineWriter(build_root)
         for pp_rank in range(layout.pp_size):
             for tp_rank in range(layout.tp_size):
-                shard = read_shard(ckpt_dir, pp_rank, tp_rank)
-                write_layout_free_file(build_root, StageShard(pp_rank, layout.pp_size, tp_rank, layout.tp_size),
-                                       shard.step, client_state, shard.weights, shard.moments,
-                                       split_dims=config_overrides(layout.cfg.model))
+                shard = read_shard(ckpt_dir, pp_rank, tp_rank)  # one (stage, tp rank) in memory at a time
+                writer.add(StageShard(pp_rank, layout.pp_size, tp_rank, layout.tp_size), shard.step, client_state,
+                           shard.weights, shard.moments, split_dims=config_overrides(layout.cfg.model))
+        writer.finish({"tp": layout.tp_size, "pp": layout.pp_size, "dp": layout.cfg.derived.data_parallel_size})
         if target.exists():
             shutil.rmtree(target)
         os.replace(build_root / STATE_DIR, target)

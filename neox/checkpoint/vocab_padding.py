@@ -7,7 +7,8 @@ so it depends on tp: GPT-2's 50257 ids give 50304 rows at tp1, 50432 at tp2. A r
   the config is resolved (adopt_checkpoint_padding), so the resolved config, the model and the checkpoint agree;
 - otherwise (tp does not divide it, or padded_vocab_size is pinned to another value) re-pads the loaded state:
   the embedding and untied head keep rows [0, min(old, new)) as saved, drop rows past the new size and start new
-  rows at zero, weights and Adam moments alike (repad_rows). Every row a token id can reach (< the tokenizer's
+  rows at zero, weights and Adam moments alike (repad_rows; a layout-free resume fills them so as it reads,
+  neox/checkpoint/layout_sources.py). Every row a token id can reach (< the tokenizer's
   vocabulary) is loaded bit for bit; the rows past it are never looked up, only pushed down through the softmax.
 Each case prints one line saying so.
 """
@@ -110,10 +111,3 @@ def repad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 def repad_state(state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """A state dict (weights, or one Adam moment) with its vocabulary rows re-padded; the other tensors as given."""
     return {name: repad_rows(t, rows) if name in VOCAB_ROWS else t for name, t in state.items()}
-
-
-def repad_full_state(full, rows: int) -> None:
-    """In place: a layout-free FullState (neox/checkpoint/layout_state.py) with its weights and Adam moments
-    re-padded."""
-    full.weights = repad_state(full.weights, rows)
-    full.moments = {key: repad_state(moment, rows) for key, moment in full.moments.items()}

@@ -10,9 +10,11 @@ from neox.config.fields import option
 
 @dataclass
 class GenerateConfig:
-    text_gen_type: Literal["unconditional", "input-file", "interactive"] | None = option(
-        None, "Generation mode: unconditional, input-file (prompts of sample_input_file) or interactive (stdin); "
-        "unset: input-file when sample_input_file is given, else unconditional."
+    text_gen_type: Literal["unconditional", "input-file", "interactive", "precompute"] | None = option(
+        None, "Generation mode: unconditional, input-file (prompts of sample_input_file), interactive (stdin), or "
+        "precompute (no sampling: the `load` model's per-token log-probs of every train/valid/test data document, "
+        "written next to the data as {prefix}_{precompute_model_name}, the reference of a dpo run); unset: "
+        "input-file when sample_input_file is given, else unconditional."
     )
     sample_input_file: str | None = option(
         None, "Prompts for input-file mode: text split on prompt_end (one per line), or jsonl with a prompt/text key."

@@ -157,9 +157,6 @@ SPARSE_ATTENTION = "DeepSpeed block-sparse attention (sparse_fixed, sparse_varia
 MAMBA = "Mamba state-space layers"
 RWKV = "RWKV layers"
 GMLP = "gMLP / aMLP blocks"
-MOE = "mixture-of-experts layers (planned: issue 15, 'Mixture of Experts with expert parallelism')"
-POST_TRAINING = "post-training objectives and pairwise datasets (planned: issue 14, 'Post-training: chat SFT, DPO, " \
-                "KTO and reward models')"
 ONLINE_RL = "online reinforcement learning (REINFORCE with a generation server)"
 AUTOTUNING = "DeepSpeed autotuning"
 ADLR = "NVIDIA ADLR cluster auto-resume (use preemption instead: SIGTERM/SIGUSR1 checkpoint and exit 75)"
@@ -186,27 +183,6 @@ MISSING_KEYS: dict[str, MissingKey] = {m.key: m for m in [
     MissingKey("head_size", int | None, None, RWKV),
     MissingKey("ffn_dim", int | None, None, RWKV),
     MissingKey("gmlp_attn_dim", int, 64, GMLP),
-    MissingKey("moe_num_experts", int, 1, MOE),
-    MissingKey("moe_expert_interval", int, 1, MOE),
-    MissingKey("moe_top_k", int, 1, MOE),
-    MissingKey("moe_router_type", Literal["sinkhorn", "topk"], "sinkhorn", MOE),
-    MissingKey("moe_lbl_in_fp32", bool, False, MOE),
-    MissingKey("moe_jitter_eps", float | None, None, MOE),
-    MissingKey("dataset_impl", Literal["gpt2", "pairwise", "online"], "gpt2", POST_TRAINING),
-    MissingKey("train_impl", Literal["normal", "dpo", "rm", "kto", "reinforce"], "normal", POST_TRAINING),
-    MissingKey("dpo_fp32", bool, True, POST_TRAINING),
-    MissingKey("dpo_reference_free", bool, False, POST_TRAINING),
-    MissingKey("dpo_beta", float, 0.1, POST_TRAINING),
-    MissingKey("kto_fp32", bool, True, POST_TRAINING),
-    MissingKey("kto_desirable_weight", float, 1.0, POST_TRAINING),
-    MissingKey("kto_undesirable_weight", float, 1.0, POST_TRAINING),
-    MissingKey("kto_beta", float, 0.1, POST_TRAINING),
-    MissingKey("z_loss", float, 0.0, POST_TRAINING),
-    MissingKey("precompute_model_name", str | None, None, POST_TRAINING),
-    *(MissingKey(f"{side}_{split}_{kind}data_paths", list[str] | None, None, POST_TRAINING)
-      for side in ("pos", "neg") for split in ("train", "valid", "test") for kind in ("", "label_")),
-    *(MissingKey(f"{split}_reward_data_paths", list[str] | None, None, POST_TRAINING)
-      for split in ("train", "valid", "test")),
     MissingKey("fp32_reinforce", bool, True, ONLINE_RL),
     MissingKey("kl_impl", Literal["abs", "mse", "kl", "full"], "mse", ONLINE_RL),
     MissingKey("kl_div_beta", float, 0.1, ONLINE_RL),
@@ -236,7 +212,8 @@ MISSING_KEYS: dict[str, MissingKey] = {m.key: m for m in [
 
 MISSING_VALUES: tuple[MissingValue, ...] = (
     MissingValue("norm", ("te_rmsnorm", "te_layernorm"), TRANSFORMER_ENGINE),
-    MissingValue("text_gen_type", ("precompute",), POST_TRAINING),
+    MissingValue("dataset_impl", ("online",), ONLINE_RL),
+    MissingValue("train_impl", ("reinforce",), ONLINE_RL),
 )
 
 # attention_config layer types and the feature each needs; global, flash and local are implemented.
@@ -254,10 +231,13 @@ ATTENTION_TYPE_FEATURES: dict[str, str] = {
 
 # Our keys that gpt-neox does not have (every other field of our config is a gpt-neox key of the same name).
 NEOX_ONLY_KEYS = frozenset({
-    "checkpoint_layout_free", "data_cache_dir", "decode_precision", "distributed_timeout_minutes",
+    "checkpoint_async", "checkpoint_layout_free", "data_cache_dir", "decode_precision", "distributed_timeout_minutes",
     "eval_batch_size", "eval_iteration", "eval_limit", "eval_perplexity_files", "eval_perplexity_splits",
-    "eval_tasks_path", "generate_batch_size", "label_data_paths", "launcher_args", "no_ssh", "node_rank",
+    "eval_tasks_path", "generate_batch_size", "label_data_paths", "launcher_args", "lora", "no_ssh", "node_rank",
     "num_fewshot", "peak_flops", "preempt_exit_code", "save_interval", "ssh_args", "stop_strings",
+    # mixture of experts beyond gpt-neox's six moe_* keys (issue 15)
+    "moe_aux_loss_coeff", "moe_capacity_factor", "moe_intermediate_size", "moe_layers", "moe_norm_topk_prob",
+    "moe_num_shared_experts", "moe_shared_expert_gate", "moe_shared_expert_intermediate_size", "moe_z_loss_coeff",
 })
 
 

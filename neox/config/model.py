@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from neox.config.errors import ConfigError
+from neox.config.moe import validate_moe
 
 PosEmb = Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"]
 Norm = Literal["layernorm", "rmsnorm", "non_parametric_layernorm", "scalenorm"]
@@ -165,6 +166,75 @@ class ModelConfig:
         "column",
     )
 
+    # ---- mixture of experts (neox/model/moe.py; gpt-neox's keys, then neox's own) ----
+    moe_num_experts: int = _help(
+        "Experts in each mixture-of-experts layer; 1 = no MoE layers (every layer has a dense MLP).", 1
+    )
+    moe_expert_interval: int = _help(
+        "Every moe_expert_interval-th layer is a MoE layer, counted from layer 0 as gpt-neox does (layers 0, n, "
+        "2n, ...).",
+        1,
+    )
+    moe_top_k: int = _help("Experts each token is routed to in a MoE layer.", 1)
+    moe_router_type: Literal["sinkhorn", "topk"] = _help(
+        "Token routing: 'topk' takes each token's k most probable experts (softmax over all experts); 'sinkhorn' "
+        "(gpt-neox) chooses them by Sinkhorn-balanced scores in training, with softmax (k > 1) or sigmoid (k = 1) "
+        "weights, and by plain top-k in evaluation.",
+        "sinkhorn",
+    )
+    moe_lbl_in_fp32: bool = _help(
+        "Router logits in fp32 (input and weight upcast) when the model trains in fp16/bf16; the routing "
+        "probabilities and the load-balancing and z losses are always fp32.",
+        False,
+    )
+    moe_jitter_eps: float | None = _help(
+        "Multiply the router's input by uniform noise in [1 - eps, 1 + eps] in training (gpt-neox's router "
+        "jitter); None = off.",
+        None,
+    )
+    moe_layers: list[int] | None = _help(
+        "Explicit MoE layer indices (from 0), instead of moe_expert_interval's every n-th layer (e.g. Qwen2-MoE's "
+        "decoder_sparse_step and mlp_only_layers).",
+        None,
+    )
+    moe_norm_topk_prob: bool = _help(
+        "Renormalise each token's k routing weights to sum to 1 (Mixtral: a softmax over the top-k logits; "
+        "Qwen2-MoE / OLMoE norm_topk_prob); false: the softmax over all experts at the chosen ones (gpt-neox).",
+        False,
+    )
+    moe_capacity_factor: float | None = _help(
+        "Token dropping in training (Switch/GShard): each expert takes at most ceil(factor x tokens x k / experts) "
+        "assignments of a micro-batch, first choices before second ones, earlier tokens first; the rest skip the "
+        "expert (the residual carries them). None = dropless. Evaluation and generation are always dropless.",
+        None,
+    )
+    moe_aux_loss_coeff: float = _help(
+        "Weight of the load-balancing loss added to the training loss, per MoE layer: num_experts x sum over "
+        "experts of (fraction of tokens routed to it) x (mean router probability), as transformers' Mixtral.",
+        0.0,
+    )
+    moe_z_loss_coeff: float = _help(
+        "Weight of the router z-loss added to the training loss, per MoE layer: mean over tokens of "
+        "logsumexp(router logits)^2 (ST-MoE).",
+        0.0,
+    )
+    moe_num_shared_experts: int = _help(
+        "Shared experts every token goes through beside its routed ones (Qwen2-MoE, DeepSeek): one dense MLP of "
+        "moe_shared_expert_intermediate_size added to the MoE output.",
+        0,
+    )
+    moe_shared_expert_gate: bool = _help(
+        "Scale the shared experts' output by sigmoid(x . w), a learned [1, hidden] gate (Qwen2-MoE).", False
+    )
+    moe_intermediate_size: int | None = _help(
+        "Inner width of each expert; None = gpt-neox's rule: intermediate_size as it is, else 4 x hidden_size "
+        "(plain) or 8/3 x hidden_size (gated), rounded up to a multiple of 256.",
+        None,
+    )
+    moe_shared_expert_intermediate_size: int | None = _help(
+        "Inner width of the shared expert MLP; None = moe_num_shared_experts x the expert width.", None
+    )
+
     # ---- activation checkpointing (with checkpoint_activations) ----
     checkpoint_num_layers: int = _help("Transformer layers recomputed together per activation checkpoint.", 1)
     deepspeed_activation_checkpointing: bool = _help(
@@ -259,6 +329,31 @@ class ModelConfig:
         return [first.setdefault(unique, layer) for layer, unique in enumerate(self.unique_layer_of)]
 
     @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """The layers whose MLP is a mixture of experts (none with moe_num_experts 1)."""
+        if self.moe_num_experts <= 1:
+            return ()
+        if self.moe_layers is not None:
+            return tuple(sorted(set(self.moe_layers)))
+        return tuple(i for i in range(self.num_layers) if i % self.moe_expert_interval == 0)
+
+    @property
+    def expert_inner_size(self) -> int:
+        """Inner width of one expert (gpt-neox's rule unless moe_intermediate_size is set)."""
+        if self.moe_intermediate_size is not None:
+            return self.moe_intermediate_size
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        width = int(8 * self.hidden_size / 3) if self.gated_mlp else 4 * self.hidden_size
+        return 256 * ((width + 255) // 256)
+
+    @property
+    def shared_expert_inner_size(self) -> int:
+        if self.moe_shared_expert_intermediate_size is not None:
+            return self.moe_shared_expert_intermediate_size
+        return self.moe_num_shared_experts * self.expert_inner_size
+
+    @property
     def row_parallel_head(self) -> bool:
         """The head is split over the hidden dim under tp (an untied head with output_layer_parallelism 'row')."""
         return self.output_layer_parallelism == "row" and self.no_weight_tying
@@ -319,6 +414,7 @@ class ModelConfig:
         if self.padded_vocab_size is not None and self.padded_vocab_size <= 0:
             raise ConfigError(f"'padded_vocab_size' must be positive, got {self.padded_vocab_size}")
         self._validate_variants()
+        validate_moe(self)
 
     def _validate_variants(self) -> None:
         """The gpt-neox options of attention, positions, norms, sharing and checkpointing."""

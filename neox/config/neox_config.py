@@ -14,6 +14,7 @@ from neox.config.model import ModelConfig
 from neox.config.mup import MupConfig
 from neox.config.optim import OptimConfig
 from neox.config.parallel import ParallelConfig
+from neox.config.post_training import PostTrainingConfig
 from neox.config.train import TrainConfig
 
 
@@ -38,6 +39,7 @@ GROUPS: dict[str, type] = {
     "generate": GenerateConfig,
     "eval": EvalConfig,
     "mup": MupConfig,
+    "post_training": PostTrainingConfig,
 }
 DERIVED_KEYS = frozenset(group_fields(DerivedConfig))
 
@@ -72,6 +74,7 @@ class NeoXConfig:
     generate: GenerateConfig
     eval: EvalConfig
     mup: MupConfig
+    post_training: PostTrainingConfig
     derived: DerivedConfig = field(default_factory=DerivedConfig)
     # Dotted key ("num_layers", "optimizer.params.lr") -> "configs/125M.yml:14", "command line", "default"
     # or "derived: <rule>". Dict-valued keys are tracked per leaf, so a merge shows which file set what.

@@ -7,6 +7,7 @@ from typing import Literal
 from neox.config.deepspeed_sections import check_sections
 from neox.config.errors import ConfigError
 from neox.config.fields import option
+from neox.config.lora import lora_settings
 from neox.config.s3 import check_s3_settings
 
 
@@ -29,7 +30,10 @@ class TrainConfig:
     )
     seed: int = option(1234, "Seed of python, numpy and torch RNGs (offset per rank where needed).")
     save: str | None = option(None, "Checkpoint directory; the resolved config is written here too.")
-    load: str | None = option(None, "Checkpoint directory to resume (or, with finetune, to start) from.")
+    load: str | None = option(
+        None, "Checkpoint directory to resume (or, with finetune, to start) from; a missing or empty folder (or "
+        "the run's own save) starts from scratch with a note, a file or any other folder is an error."
+    )
     save_interval: int | None = option(
         None, "Save a checkpoint every this many iterations (and at the end): checkpoint_factor at linear scale."
     )
@@ -64,15 +68,29 @@ class TrainConfig:
         "gpt-neox (which loads the two together), a fresh LR schedule."
     )
     no_load_rng: bool = option(
-        False, "Do not restore the ranks' RNG states on resume; dropout is reseeded from seed and iteration."
+        False, "Do not restore the ranks' RNG states on resume; dropout is reseeded from seed and iteration. "
+        "Without it a rank's missing RNG file is an error."
     )
     checkpoint_layout_free: bool = option(
         True, "Also write a layout-free copy (fp32 weights + Adam moments, ~3x the fp32 parameters) into every "
         "checkpoint so any tp/pp/dp/ZeRO layout can resume it; false saves the space, and "
         "tools/reshard_checkpoint.py builds the copy later from DeepSpeed's files."
     )
+    checkpoint_async: bool = option(
+        False, "Write checkpoints in the background: a save only copies each rank's state to host memory (one extra "
+        "copy of it while the write runs) and training continues; complete.json and `latest` move once every rank's "
+        "files are durable (checked every step; the next save, a preemption stop and the end of training wait)."
+    )
     finetune: bool = option(
         False, "Load only the model weights from 'load': fresh optimizer, scheduler and iteration 0."
+    )
+    lora: dict | None = option(
+        None, "LoRA (neox's own key): {r: 8, alpha: 8, dropout: 0.0, target_modules: [query_key_value]} (defaults "
+        "shown) adds low-rank adapters y += dropout(x) A^T B^T alpha/r to the named linears (ours: query_key_value, "
+        "dense, linear1, gate, linear2; or Hugging Face's: q_proj+k_proj+v_proj, o_proj, up_proj, dense_h_to_4h, "
+        "c_attn, ... or all-linear) and trains only them. Needs 'load': the base model with finetune: true, or a "
+        "LoRA run's checkpoints to resume (they hold the adapters and name their base). "
+        "tools/convert_neox_to_hf.py --lora exports a PEFT adapter, --merge the merged model."
     )
     preempt_exit_code: int = option(
         75,
@@ -138,6 +156,10 @@ class TrainConfig:
                               f"the shell's and signal deaths'), got {self.preempt_exit_code}")
         if self.finetune and self.load is None:
             raise ConfigError("'finetune' needs 'load' (the checkpoint whose weights to start from)")
+        if lora_settings(self.lora) is not None and self.load is None:
+            raise ConfigError("'lora' trains adapters on a frozen base model: set 'load' to the base (a consolidated "
+                              "or Hugging Face-imported model, or a neox or gpt-neox checkpoint) with 'finetune: "
+                              "true', or to a LoRA run's save directory to resume it")
         self._validate_run_length()
         self._validate_checkpointing()
 

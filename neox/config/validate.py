@@ -4,8 +4,11 @@ from __future__ import annotations
 import re
 
 from neox.config.errors import ConfigError
+from neox.config.lora import check_lora_combinations
 from neox.config.model import check_model_combinations
+from neox.config.moe import check_moe_combinations
 from neox.config.mup import check_mup_combinations
+from neox.config.post_training import check_post_training_combinations
 from neox.config.neox_config import DERIVED_KEYS, KEY_GROUP, NeoXConfig
 from neox.config.optim import sections_precision
 from neox.config.parallel import check_sequence_parallel
@@ -53,8 +56,11 @@ def check_combinations(cfg: NeoXConfig) -> None:
         raise ConfigError(f"'precision' is {precision} but '{section}.enabled' is true{means}; make them agree")
     check_train_epochs(cfg)
     check_mup_combinations(cfg)
+    check_post_training_combinations(cfg)
     check_model_combinations(model, pp, precision)
     check_sequence_parallel(cfg.parallel, model.seq_length, cfg.data.curriculum_learning)
+    check_lora_combinations(cfg)
+    check_moe_combinations(cfg)
 
 
 def check_train_epochs(cfg: NeoXConfig) -> None:
@@ -95,7 +101,8 @@ def require_for_training(cfg: NeoXConfig) -> None:
     if cfg.train.train_micro_batch_size_per_gpu is None:
         raise ConfigError("training needs a batch size: set 'train_micro_batch_size_per_gpu' (sequences per rank per "
                           "forward pass) or 'train_batch_size' (sequences per optimizer step)")
-    if cfg.data.data_path is None and cfg.data.train_data_paths is None:
-        raise ConfigError("training needs data: set 'data_path' or 'train_data_paths' (e.g. configs/local_setup.yml)")
+    if cfg.data.data_path is None and cfg.data.train_data_paths is None and cfg.data.pos_train_data_paths is None:
+        raise ConfigError("training needs data: set 'data_path' or 'train_data_paths' (e.g. configs/local_setup.yml), "
+                          "or with dataset_impl pairwise 'pos_train_data_paths' and 'neg_train_data_paths'")
     if cfg.train.save is None and cfg.log.log_dir is None:
         raise ConfigError("set 'save' or 'log_dir': the resolved config and the run's outputs are written there")

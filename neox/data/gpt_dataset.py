@@ -109,7 +109,8 @@ def build_index_mappings(
     return IndexMappings(doc_idx, sample_idx, shuffle_idx, num_epochs)
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
+    """A short hash of arrays and reprs: the key of an index cache entry."""
     hasher = hashlib.blake2b(digest_size=8)
     for part in parts:
         data = np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode()
@@ -134,6 +135,10 @@ class GPTDataset(torch.utils.data.Dataset):
     ``pack_impl``/``allow_chopped`` are gpt-neox's (see neox.data.packing); samples of the
     whole-document modes always carry a ``label`` (the label dataset's, or the text), -100 on padding.
     ``indexed`` and ``label_dataset`` may be either on-disk format (neox.data.formats).
+
+    ``reward_dataset`` (one reward per document, its first value: gpt-neox's reward layout) adds ``reward``, each
+    token's document reward (float32); ``ref_dataset`` (per-token float values of the text's sizes, e.g. reference
+    log-probs written ahead of training) adds ``ref``. Both are padded with 0.
     """
 
     def __init__(
@@ -147,6 +152,8 @@ class GPTDataset(torch.utils.data.Dataset):
         *,
         cache_dir: str | os.PathLike[str] | None = None,
         label_dataset: IndexedDataset | None = None,
+        reward_dataset: IndexedDataset | None = None,
+        ref_dataset: IndexedDataset | None = None,
         build_lock: bool = True,
         pack_impl: str = "packed",
         allow_chopped: bool = True,
@@ -154,6 +161,8 @@ class GPTDataset(torch.utils.data.Dataset):
         self.name = name
         self.indexed = indexed
         self.label_dataset = label_dataset
+        self.reward_dataset = reward_dataset
+        self.ref_dataset = ref_dataset
         self.seq_length = int(seq_length)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
@@ -178,16 +187,14 @@ class GPTDataset(torch.utils.data.Dataset):
             )
         self.tokens_per_epoch = tokens
         self.num_epochs = num_epochs_for(tokens, self.seq_length, self.num_samples)
-        self.cache_key = _digest(
+        self.cache_key = digest(
             _INDEX_FORMAT, documents, doc_sizes.astype(np.int64), self.seq_length, self.num_samples, self.seed
         )
         stem = (
             f"{Path(indexed.prefix).name}_{name}_indexmap_{self.num_samples}ns_{self.seq_length}sl_"
             f"{self.seed}s_{self.cache_key}"
         )
-        directories = [Path(indexed.prefix).resolve().parent, index_cache.default_cache_dir()]
-        if cache_dir is not None:
-            directories.insert(0, Path(cache_dir))
+        directories = index_cache.directories_for(indexed.prefix, cache_dir)
         self.build_seconds: float | None = None
 
         def build() -> dict[str, np.ndarray]:
@@ -211,7 +218,7 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.label_dataset is not None:
             stat = Path(self.label_dataset.data_path).stat()
             label_identity = (str(Path(self.label_dataset.prefix).resolve()), stat.st_size, stat.st_mtime_ns)
-        self.cache_key = _digest(
+        self.cache_key = digest(
             f"{_INDEX_FORMAT}-{self.pack_impl}", documents, doc_sizes.astype(np.int64), self.seq_length,
             self.num_samples, self.seed, self.allow_chopped, label_identity,
         )
@@ -219,9 +226,7 @@ class GPTDataset(torch.utils.data.Dataset):
             f"{Path(self.indexed.prefix).name}_{self.name}_indexmap_{self.num_samples}ns_{self.seq_length}sl_"
             f"{self.seed}s_{self.pack_impl}pi{'_ac' if self.allow_chopped else ''}_{self.cache_key}"
         )
-        directories = [Path(self.indexed.prefix).resolve().parent, index_cache.default_cache_dir()]
-        if cache_dir is not None:
-            directories.insert(0, Path(cache_dir))
+        directories = index_cache.directories_for(self.indexed.prefix, cache_dir)
         self.build_seconds = None
 
         def build() -> dict[str, np.ndarray]:
@@ -259,11 +264,17 @@ class GPTDataset(torch.utils.data.Dataset):
                 f"{where}: document indices must lie in 0..{len(self.indexed.sizes) - 1}, got "
                 f"{documents.min()}..{documents.max()}"
             )
-        if self.label_dataset is not None and not np.array_equal(self.label_dataset.sizes, self.indexed.sizes):
-            raise DataError(
-                f"{where}: label dataset {self.label_dataset.prefix} does not have the same sequence "
-                f"sizes as the text dataset; labels must be tokenized together with their text"
-            )
+        for kind, extra in (("label", self.label_dataset), ("reference log-prob", self.ref_dataset)):
+            if extra is not None and not np.array_equal(extra.sizes, self.indexed.sizes):
+                raise DataError(
+                    f"{where}: {kind} dataset {extra.prefix} does not have the same sequence "
+                    f"sizes as the text dataset; it must be written together with its text"
+                )
+        if self.reward_dataset is not None and (len(self.reward_dataset.sizes) != len(self.indexed.sizes)
+                                                or int(np.min(self.reward_dataset.sizes, initial=1)) < 1):
+            raise DataError(f"{where}: reward dataset {self.reward_dataset.prefix} needs one non-empty reward "
+                            f"document per text document ({len(self.reward_dataset.sizes)} for "
+                            f"{len(self.indexed.sizes)})")
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.doc_idx = arrays["doc_idx"]
@@ -273,14 +284,45 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shuffle_idx)
 
-    def _window(self, source: IndexedDataset, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
+    def _segments(self, first: tuple[int, int], last: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(document, offset, length) pieces of a sample. Packed: from `first` to `last`, both ends inclusive;
+        whole-document modes: read no further than seq_length + 1 tokens (a chopped document may be far longer)."""
         (doc_first, offset_first), (doc_last, offset_last) = first, last
-        if doc_first == doc_last:
-            return source.get(int(self.doc_idx[doc_first]), offset_first, offset_last - offset_first + 1)
-        parts = [source.get(int(self.doc_idx[doc_first]), offset_first)]
-        parts.extend(source.get(int(self.doc_idx[k])) for k in range(doc_first + 1, doc_last))
-        parts.append(source.get(int(self.doc_idx[doc_last]), 0, offset_last + 1))
-        return np.concatenate(parts)
+        sizes = self.indexed.sizes
+        if self.pack_impl == "packed":
+            if doc_first == doc_last:
+                return [(int(self.doc_idx[doc_first]), offset_first, offset_last - offset_first + 1)]
+            head = int(self.doc_idx[doc_first])
+            pieces = [(head, offset_first, int(sizes[head]) - offset_first)]
+            pieces += [(int(self.doc_idx[k]), 0, int(sizes[int(self.doc_idx[k])]))
+                       for k in range(doc_first + 1, doc_last)]
+            return pieces + [(int(self.doc_idx[doc_last]), 0, offset_last + 1)]
+        room = self.seq_length + 1
+        pieces = []
+        for position in range(first[0], last[0] + 1):
+            doc = int(self.doc_idx[position])
+            size = int(sizes[doc]) if position < last[0] else min(int(sizes[doc]), last[1] + 1)
+            take = min(size, room)
+            if take:
+                pieces.append((doc, 0, take))
+                room -= take
+            if room == 0:
+                break
+        return pieces
+
+    @staticmethod
+    def _read(source: IndexedDataset, pieces: list[tuple[int, int, int]]) -> np.ndarray:
+        if not pieces:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([source.get(doc, offset, length) for doc, offset, length in pieces])
+
+    def _rewards(self, pieces: list[tuple[int, int, int]]) -> np.ndarray:
+        """Each token's document reward (gpt-neox: a reward document's first value, repeated over the document)."""
+        assert self.reward_dataset is not None
+        if not pieces:
+            return np.empty(0, dtype=np.float32)
+        return np.concatenate([np.full(length, self.reward_dataset.get(doc, 0, 1)[0], dtype=np.float32)
+                               for doc, _, length in pieces])
 
     def _bounds(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
         length = len(self)
@@ -291,52 +333,37 @@ class GPTDataset(torch.utils.data.Dataset):
         last = (int(self.sample_idx[sample + 1, 0]), int(self.sample_idx[sample + 1, 1]))
         return first, last
 
-    def _capped_window(self, source: IndexedDataset, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
-        """The window of a whole-document sample, read no further than seq_length + 1 tokens (a chopped
-        document may be far longer)."""
-        room = self.seq_length + 1
-        parts = []
-        for position in range(first[0], last[0] + 1):
-            doc = int(self.doc_idx[position])
-            size = int(source.sizes[doc]) if position < last[0] else min(int(source.sizes[doc]), last[1] + 1)
-            take = min(size, room)
-            if take:
-                parts.append(source.get(doc, 0, take))
-                room -= take
-            if room == 0:
-                break
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
     def text_tokens(self, index: int) -> np.ndarray:
         """The text of sample ``index`` without padding (what char_level_ppl counts)."""
-        first, last = self._bounds(index)
-        if self.pack_impl == "packed":
-            return self._window(self.indexed, first, last).astype(np.int64)
-        return self._capped_window(self.indexed, first, last).astype(np.int64)
+        return self._read(self.indexed, self._segments(*self._bounds(index))).astype(np.int64)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        first, last = self._bounds(index)
-        if self.pack_impl != "packed":
-            return self._whole_document_item(first, last)
-        text = self._window(self.indexed, first, last).astype(np.int64)
-        if len(text) != self.seq_length + 1:
+        pieces = self._segments(*self._bounds(index))
+        text = self._read(self.indexed, pieces).astype(np.int64)
+        if self.pack_impl == "packed" and len(text) != self.seq_length + 1:
             raise RuntimeError(
                 f"sample {index} of {self.name!r} has {len(text)} tokens, expected {self.seq_length + 1}: "
                 f"the index cache {self.cache_dir / self.cache_stem}_*.npy does not match "
                 f"{self.indexed.prefix}; delete those files to rebuild them"
             )
-        item = {"text": text}
-        if self.label_dataset is not None:
-            item["label"] = self._window(self.label_dataset, first, last).astype(np.int64)
-        return item
-
-    def _whole_document_item(self, first: tuple[int, int], last: tuple[int, int]) -> dict[str, np.ndarray]:
         width = self.seq_length + 1
-        text = self._capped_window(self.indexed, first, last)
-        label = text if self.label_dataset is None else self._capped_window(self.label_dataset, first, last)
-        item = {"text": np.full(width, PAD_TOKEN, dtype=np.int64), "label": np.full(width, PAD_LABEL, dtype=np.int64)}
-        item["text"][: len(text)] = text
-        item["label"][: len(label)] = label
+
+        def padded(values: np.ndarray, fill: float, dtype: Any) -> np.ndarray:
+            if self.pack_impl == "packed":
+                return values.astype(dtype)
+            out = np.full(width, fill, dtype=dtype)
+            out[: len(values)] = values
+            return out
+
+        item = {"text": padded(text, PAD_TOKEN, np.int64)}
+        if self.label_dataset is not None:
+            item["label"] = padded(self._read(self.label_dataset, pieces), PAD_LABEL, np.int64)
+        elif self.pack_impl != "packed":
+            item["label"] = padded(text, PAD_LABEL, np.int64)  # padding is never trained
+        if self.reward_dataset is not None:
+            item["reward"] = padded(self._rewards(pieces), 0.0, np.float32)
+        if self.ref_dataset is not None:
+            item["ref"] = padded(self._read(self.ref_dataset, pieces), 0.0, np.float32)
         return item
 
     # DataLoader workers started by spawn re-map the cached files instead of receiving copies.

@@ -25,6 +25,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "neox" / "index-cache"
 
 
+def directories_for(prefix: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """Where a dataset's index entries are looked up, in order: cache_dir (if given), next to the data, the default
+    cache directory; load_or_build writes into the first writable one."""
+    directories = [Path(os.fspath(prefix)).resolve().parent, default_cache_dir()]
+    return ([Path(cache_dir)] if cache_dir is not None else []) + directories
+
+
 def array_path(directory: Path, stem: str, name: str) -> Path:
     return directory / f"{stem}_{name}.npy"
 

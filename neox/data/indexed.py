@@ -32,18 +32,19 @@ INDEX_VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")
 HEADER_SIZE = _HEADER.size  # 34 bytes
 
-# Codes 6 and 7 follow Megatron-core (6 float64, 7 float32); gpt-neox reads both as float64.
-# Tokens are integers, so the writer only accepts the integer codes.
+# gpt-neox's codes (its indexed_dataset.py): 6 float32, 7 float64 (Megatron-core swapped them). Tokens are integers;
+# float shards hold per-token values (reference log-probs), written only by a writer opened with values=True.
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype("<u1"),
     2: np.dtype("<i1"),
     3: np.dtype("<i2"),
     4: np.dtype("<i4"),
     5: np.dtype("<i8"),
-    6: np.dtype("<f8"),
-    7: np.dtype("<f4"),
+    6: np.dtype("<f4"),
+    7: np.dtype("<f8"),
     8: np.dtype("<u2"),
 }
+_WRITABLE_CODES = {dtype: code for code, dtype in DTYPE_CODES.items()}
 _TOKEN_DTYPE_CODES = {dtype: code for code, dtype in DTYPE_CODES.items() if dtype.kind in "iu"}
 _MAX_SEQUENCE_LENGTH = np.iinfo(np.int32).max  # sizes[] is int32 on disk
 _WRITE_BUFFER_BYTES = 1 << 20
@@ -66,13 +67,14 @@ def index_file_path(prefix: str | os.PathLike[str]) -> Path:
     return Path(os.fspath(prefix) + ".idx")
 
 
-def _token_dtype(dtype: Any) -> np.dtype:
+def _token_dtype(dtype: Any, values: bool = False) -> np.dtype:
     try:
         resolved = np.dtype(dtype).newbyteorder("<")
     except TypeError as err:
         raise IndexedDatasetError(f"{dtype!r} is not a numpy dtype") from err
-    if resolved not in _TOKEN_DTYPE_CODES:
-        allowed = ", ".join(str(d) for d in _TOKEN_DTYPE_CODES)
+    allowed_codes = _WRITABLE_CODES if values else _TOKEN_DTYPE_CODES
+    if resolved not in allowed_codes:
+        allowed = ", ".join(str(d) for d in allowed_codes)
         raise IndexedDatasetError(f"token dtype {resolved} cannot be written; use one of: {allowed}")
     return resolved
 
@@ -120,7 +122,7 @@ def _write_index(stream: BinaryIO, dtype: np.dtype, sizes: np.ndarray, doc_idx: 
     if len(sizes) > 1:
         np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= dtype.itemsize
-    stream.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _TOKEN_DTYPE_CODES[dtype], len(sizes), len(doc_idx)))
+    stream.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _WRITABLE_CODES[dtype], len(sizes), len(doc_idx)))
     stream.write(memoryview(sizes))
     stream.write(memoryview(pointers))
     stream.write(memoryview(np.ascontiguousarray(doc_idx, dtype="<i8")))
@@ -130,15 +132,16 @@ class IndexedDatasetWriter:
     """Builds ``prefix.bin``/``prefix.idx``; nothing appears under those names before finalize().
 
     Use as a context manager: a clean exit finalizes, an exception aborts (temporaries deleted).
-    Output is byte-identical to gpt-neox's MMapIndexedDatasetBuilder for the same calls.
+    Output is byte-identical to gpt-neox's MMapIndexedDatasetBuilder for the same calls. values=True: a shard of
+    per-token values (float32/float64 allowed, e.g. reference log-probs) instead of token ids.
     """
 
-    def __init__(self, prefix: str | os.PathLike[str], dtype: Any) -> None:
+    def __init__(self, prefix: str | os.PathLike[str], dtype: Any, *, values: bool = False) -> None:
         self.prefix = Path(os.fspath(prefix))
-        self.dtype = _token_dtype(dtype)
+        self.dtype = _token_dtype(dtype, values)
         self.data_path = data_file_path(prefix)
         self.index_path = index_file_path(prefix)
-        self._limits = np.iinfo(self.dtype)
+        self._limits = np.iinfo(self.dtype) if self.dtype.kind in "iu" else np.finfo(self.dtype)
         self._sizes = _GrowableArray(np.dtype(np.int32))
         self._doc_idx = _GrowableArray(np.dtype(np.int64), [0])
         self.num_tokens = 0
@@ -171,6 +174,8 @@ class IndexedDatasetWriter:
             raise IndexedDatasetError(f"{what} for {self.prefix} must be 1-D, got shape {array.shape}")
         if array.size == 0:
             return np.empty(0, dtype=self.dtype)
+        if self.dtype.kind == "f":
+            return np.ascontiguousarray(array, dtype=self.dtype)
         if array.dtype.kind not in "iu":
             raise IndexedDatasetError(
                 f"{what} for {self.prefix} must be integers, got dtype {array.dtype}"

@@ -101,14 +101,17 @@ class MicroBatchSampler:
                 yield list(range(first, first + m))
 
 
-def collate_samples(samples: Sequence[dict[str, np.ndarray]], eod_token: int, eod_mask_loss: bool) -> dict[str, torch.Tensor]:
-    """gpt-neox get_batch on a list of dataset samples."""
-    text = torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.int64, copy=False))
+def _stack(samples: Sequence[dict[str, np.ndarray]], key: str, fallback: str | None = None) -> np.ndarray:
+    return np.stack([s.get(key, s[fallback]) if fallback else s[key] for s in samples])
+
+
+def _collate_texts(text: np.ndarray, label: np.ndarray | None, eod_token: int,
+                   eod_mask_loss: bool) -> dict[str, torch.Tensor]:
+    """gpt-neox's _get_batch on [m, seq_length + 1] texts and (maybe) labels."""
+    text = torch.from_numpy(text.astype(np.int64, copy=False))
     tokens = text[:, :-1].contiguous()
-    if any("label" in s for s in samples):
-        # A blend may mix members with and without labels: the text is its own label.
-        raw = np.stack([s.get("label", s["text"]) for s in samples]).astype(np.int64, copy=False)
-        shifted = torch.from_numpy(raw)[:, 1:]
+    if label is not None:
+        shifted = torch.from_numpy(label.astype(np.int64, copy=False))[:, 1:]
         loss_mask = (shifted >= 0).float()
         labels = torch.where(shifted >= 0, shifted, torch.zeros_like(shifted)).contiguous()
     else:
@@ -118,6 +121,31 @@ def collate_samples(samples: Sequence[dict[str, np.ndarray]], eod_token: int, eo
         loss_mask[tokens == eod_token] = 0.0
     position_ids = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+def _values(values: np.ndarray) -> torch.Tensor:
+    """Per-token values aligned with the labels (gpt-neox's [:, :-1] of rewards and reference log-probs)."""
+    return torch.from_numpy(values.astype(np.float32, copy=False))[:, :-1].contiguous()
+
+
+def collate_samples(samples: Sequence[dict[str, np.ndarray]], eod_token: int, eod_mask_loss: bool) -> dict[str, torch.Tensor]:
+    """gpt-neox get_batch on a list of dataset samples. Pairwise samples (pos/neg) give 2m rows: the m chosen
+    sequences, then their m rejected ones; "reward" and "ref" values come as "reward" and "ref_token_logps"."""
+    if "pos" in samples[0]:
+        sides = [_collate_texts(_stack(samples, side), _stack(samples, f"{side}_label"), eod_token, eod_mask_loss)
+                 for side in ("pos", "neg")]
+        if "pos_ref" in samples[0]:
+            for side, batch in zip(("pos", "neg"), sides):
+                batch["ref_token_logps"] = _values(_stack(samples, f"{side}_ref"))
+        return {key: torch.cat([sides[0][key], sides[1][key]]) for key in sides[0]}
+    # A blend may mix members with and without labels: the text is its own label.
+    label = _stack(samples, "label", "text") if any("label" in s for s in samples) else None
+    batch = _collate_texts(_stack(samples, "text"), label, eod_token, eod_mask_loss)
+    if "reward" in samples[0]:
+        batch["reward"] = _values(_stack(samples, "reward"))
+    if "ref" in samples[0]:
+        batch["ref_token_logps"] = _values(_stack(samples, "ref"))
+    return batch
 
 
 class _Collate:

@@ -184,8 +184,9 @@ def _describe_keys(obj: dict) -> str:
     return shown + (f", ... ({len(keys)} keys)" if len(keys) > 20 else "") if keys else "none"
 
 
-def _parse_json_line(line: bytes, keys: Sequence[str]) -> tuple[str, ...] | str:
-    """The values of `keys` in one JSON line, or a description of what is wrong with it."""
+def _parse_json_line(line: bytes, keys: Sequence[str], structured: bool = False) -> tuple | str:
+    """The values of `keys` in one JSON line (strings, or with `structured` any JSON value), or a description of
+    what is wrong with it."""
     try:
         obj = json.loads(line)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -197,21 +198,21 @@ def _parse_json_line(line: bytes, keys: Sequence[str]) -> tuple[str, ...] | str:
         if key not in obj:
             return f"key {key!r} not found; keys present: {_describe_keys(obj)}"
         value = obj[key]
-        if not isinstance(value, str):
+        if not structured and not isinstance(value, str):
             return f"value of key {key!r} is {type(value).__name__}, expected a string"
         values.append(value)
     return tuple(values)
 
 
 def _iter_jsonl(path: Path, suffix: str, keys: Sequence[str], skip_bad_lines: bool,
-                stats: ReadStats) -> Iterator[tuple[str, ...]]:
+                stats: ReadStats, structured: bool = False) -> Iterator[tuple]:
     lineno = 0
     try:
         for lineno, line in enumerate(_iter_lines(path, suffix), start=1):
             stats.bytes_read += len(line)
             if line.isspace():
                 continue
-            parsed = _parse_json_line(line, keys)
+            parsed = _parse_json_line(line, keys, structured)
             if isinstance(parsed, tuple):
                 yield parsed
                 continue
@@ -260,12 +261,13 @@ def _iter_txt(path: Path, keys: Sequence[str], txt_mode: str, stats: ReadStats) 
         raise InputError(f"{path}: cannot read: {exc}") from exc
 
 
-def _check_string_columns(path: Path, keys: Sequence[str], column_types: dict[str, str], kind: str) -> None:
+def _check_string_columns(path: Path, keys: Sequence[str], column_types: dict[str, str], kind: str,
+                           structured: bool = False) -> None:
     for key in keys:
         if key not in column_types:
             present = ", ".join(repr(c) for c in column_types) or "none"
             raise InputError(f"{path}: {kind} has no column {key!r}; columns present: {present}")
-        if column_types[key] not in ("string", "large_string", "string_view"):
+        if not structured and column_types[key] not in ("string", "large_string", "string_view"):
             raise InputError(f"{path}: {kind} column {key!r} has type {column_types[key]}, expected strings")
 
 
@@ -274,17 +276,17 @@ def _rows_from_columns(path: Path, keys: Sequence[str], columns: list[list], fir
     for offset, values in enumerate(zip(*columns)):
         bad = next((k for k, v in zip(keys, values) if v is None), None)
         if bad is not None:
-            message = f"{path}:{first_row + offset}: value of column {bad!r} is null, expected a string"
+            message = f"{path}:{first_row + offset}: value of column {bad!r} is null"
             if not skip_bad_lines:
                 raise InputError(message + " (fix the row, or skip such rows with --skip-bad-lines)")
             stats.note_bad_line(message)
             continue
-        stats.bytes_read += sum(len(v) for v in values)
+        stats.bytes_read += sum(len(v) if isinstance(v, str) else 0 for v in values)
         yield values
 
 
 def _iter_parquet(path: Path, keys: Sequence[str], skip_bad_lines: bool,
-                  stats: ReadStats) -> Iterator[tuple[str, ...]]:
+                  stats: ReadStats, structured: bool = False) -> Iterator[tuple]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -294,7 +296,7 @@ def _iter_parquet(path: Path, keys: Sequence[str], skip_bad_lines: bool,
         raise InputError(f"{path}: not a readable parquet file: {exc}") from exc
     with parquet:
         schema = parquet.schema_arrow
-        _check_string_columns(path, keys, {f.name: str(f.type) for f in schema}, "parquet file")
+        _check_string_columns(path, keys, {f.name: str(f.type) for f in schema}, "parquet file", structured)
         row = 1  # 1-based, like a line number
         try:
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(keys)):
@@ -306,7 +308,7 @@ def _iter_parquet(path: Path, keys: Sequence[str], skip_bad_lines: bool,
 
 
 def _iter_hf_dataset(path: Path, keys: Sequence[str], skip_bad_lines: bool,
-                     stats: ReadStats) -> Iterator[tuple[str, ...]]:
+                     stats: ReadStats, structured: bool = False) -> Iterator[tuple]:
     import datasets  # slow to import: only when such an input is given
 
     try:
@@ -325,7 +327,7 @@ def _iter_hf_dataset(path: Path, keys: Sequence[str], skip_bad_lines: bool,
     column_types = {}
     for name, feature in features.items():
         column_types[name] = getattr(feature, "dtype", type(feature).__name__)
-    _check_string_columns(path, keys, column_types, "dataset")
+    _check_string_columns(path, keys, column_types, "dataset", structured)
     row = 1
     for batch in loaded.select_columns(list(keys)).iter(batch_size=_PARQUET_BATCH_ROWS):
         columns = [batch[k] for k in keys]
@@ -334,8 +336,12 @@ def _iter_hf_dataset(path: Path, keys: Sequence[str], skip_bad_lines: bool,
 
 
 def iter_records(paths: Sequence[str | Path], keys: Sequence[str] = ("text",), *, skip_bad_lines: bool = False,
-                 txt_mode: str = "file", stats: ReadStats | None = None) -> Iterator[tuple[str, ...]]:
+                 txt_mode: str = "file", stats: ReadStats | None = None,
+                 structured: bool = False) -> Iterator[tuple]:
     """Yield, for each document in order, a tuple holding the value of every key in `keys`.
+
+    Values are strings, or with `structured` any JSON value (chat `messages` lists, rewards): then text files,
+    which hold no records, are refused.
 
     Empty values are yielded as they are (a caller writing one output per key drops them per key);
     records in which every value is empty are skipped and counted. Whitespace-only text is a document,
@@ -351,19 +357,22 @@ def iter_records(paths: Sequence[str | Path], keys: Sequence[str] = ("text",), *
     for raw_path in paths:
         path = Path(raw_path)
         if is_hf_dataset_dir(path):
-            records = _iter_hf_dataset(path, keys, skip_bad_lines, stats)
+            records = _iter_hf_dataset(path, keys, skip_bad_lines, stats, structured)
         else:
             suffix = _suffix_of(path)
             if suffix is None:
                 raise _unsupported(path)
             if not path.is_file():
                 raise InputError(f"{path}: input file does not exist")
+            if suffix == ".txt" and structured:
+                raise InputError(f"{path}: a text file holds no records with {list(keys)}; give JSON lines, parquet "
+                                 "or a Hugging Face datasets directory")
             if suffix == ".txt":
                 records = _iter_txt(path, keys, txt_mode, stats)
             elif suffix == ".parquet":
-                records = _iter_parquet(path, keys, skip_bad_lines, stats)
+                records = _iter_parquet(path, keys, skip_bad_lines, stats, structured)
             else:
-                records = _iter_jsonl(path, suffix, keys, skip_bad_lines, stats)
+                records = _iter_jsonl(path, suffix, keys, skip_bad_lines, stats, structured)
         stats.files += 1
         yielded_before, skipped_before = stats.documents + stats.empty_skipped, stats.bad_lines_skipped
         examples_before = len(stats.bad_line_examples)

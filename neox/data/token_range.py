@@ -58,7 +58,9 @@ def token_dataset_prefixes(data: DataConfig) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if data.data_path:
         found.append(("data_path", data.data_path))
-    for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
+    keys = ["train_data_paths", "valid_data_paths", "test_data_paths"]
+    keys += [f"{side}_{split}_data_paths" for split in ("train", "valid", "test") for side in ("pos", "neg")]
+    for key in keys:
         found += [(f"{key}[{i}]", p) for i, p in enumerate(getattr(data, key) or [])]
     return found
 

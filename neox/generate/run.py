@@ -227,6 +227,11 @@ def run(cfg: NeoXConfig, runtime: Runtime) -> list[Sample]:
     model, ckpt_cfg, tokenizer = load_model(cfg.train.load, cfg.train.iteration, device=runtime.device,
                                              dtype=model_dtype(cfg, runtime))
     model.eval()
+    if generation_mode(cfg.generate) == "precompute":  # reference log-probs of the data, no samples
+        from neox.generate.precompute import precompute
+
+        precompute(model, cfg, runtime)
+        return []
     layout = decoding_layout(model, cfg, runtime)
     maker = SampleMaker(model=layout.model, tokenizer=tokenizer, settings=cfg.generate, seed=cfg.train.seed,
                         max_positions=ckpt_cfg.model.max_positions, device=runtime.device, sync=layout.sync,

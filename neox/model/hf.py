@@ -1,4 +1,6 @@
-"""Hugging Face <-> neox: configs and weights for GPTNeoXForCausalLM, LlamaForCausalLM, GPT2LMHeadModel.
+"""Hugging Face <-> neox: configs and weights for GPTNeoXForCausalLM, LlamaForCausalLM, GPT2LMHeadModel, and the
+Llama family's MistralForCausalLM (sliding window), MixtralForCausalLM and Qwen2MoeForCausalLM (their MoE layers:
+neox/model/hf_moe.py).
 
 Conventions:
 - Vocabulary: the neox embedding and head have `padded_vocab_size` rows, HF has `vocab_size`. Import pads
@@ -8,24 +10,45 @@ Conventions:
   zeros, which computes the same function; biases HF leaves out (Llama norms) are a ConfigError.
 - Tied heads: the state dicts carry both the embedding and the head key, sharing one tensor, as
   `nn.Module.state_dict()` does; a tied HF checkpoint missing its head key is accepted.
-- Training-only options (dropout, init, activation checkpointing) do not stop an export.
+- Qwen2-MoE's o_proj has no bias while its q/k/v have one (qkv_bias): import gives attention.dense a zero bias;
+  export refuses a non-zero one.
+- Training-only options (dropout, init, activation checkpointing, MoE capacity and jitter) do not stop an export.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
+from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, MixtralConfig, PretrainedConfig,
+                          Qwen2MoeConfig)
 
 from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
+from neox.model.hf_moe import (MOE_ARCHES, check_moe_exportable, moe_hf_config_kwargs, moe_layer_from_hf,
+                               moe_layer_to_hf, moe_model_cfg_kwargs)
 
-ARCHES = ("gpt_neox", "llama", "gpt2")
-_ARCH_ALIASES = {
-    "gpt_neox": "gpt_neox",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "llama": "llama",
-    "LlamaForCausalLM": "llama",
-    "gpt2": "gpt2",
-    "GPT2LMHeadModel": "gpt2",
+ARCHES = ("gpt_neox", "llama", "gpt2", "mistral", "mixtral", "qwen2_moe")
+HF_CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
+              "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+_ARCH_ALIASES = {**{a: a for a in ARCHES}, **{cls: a for a, cls in HF_CLASSES.items()}}
+
+
+@dataclass(frozen=True)
+class _LlamaLike:
+    """What a member of the Llama family (model.layers.N.self_attn.q_proj ..., RMSNorm, gated MLP) adds or lacks."""
+
+    config_class: type
+    attn_bias_key: str | None  # the HF key for q/k/v biases (None: never biased)
+    dense_bias: bool  # o_proj has a bias when q/k/v have one
+    mlp_bias_key: str | None
+    sliding_window: bool  # one sliding window for every layer (HF sliding_window = our width + 1)
+
+
+_LLAMA_LIKE = {
+    "llama": _LlamaLike(LlamaConfig, "attention_bias", True, "mlp_bias", sliding_window=False),
+    "mistral": _LlamaLike(MistralConfig, None, False, None, sliding_window=True),
+    "mixtral": _LlamaLike(MixtralConfig, None, False, None, sliding_window=True),
+    "qwen2_moe": _LlamaLike(Qwen2MoeConfig, "qkv_bias", False, None, sliding_window=False),
 }
 # neox activation -> HF hidden_act, for plain MLPs (GPT-NeoX, GPT-2) and for Llama's gated MLP.
 _PLAIN_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu", "swish": "silu",
@@ -67,26 +90,32 @@ def check_exportable(cfg: ModelConfig, arch: str) -> str:
     # rotary/learned attention, and the checkpointing and parallel-layout keys change no function: they pass).
     need(all(kind in ("global", "flash") for kind in cfg.attention_types), "attention_config",
          "Hugging Face attention is global; 'local' layers have no equivalent")
-    need(cfg.sliding_window_width is None, "sliding_window_width", "the exported classes attend to every earlier "
-         "token")
+    need(cfg.sliding_window_width is None or (arch in _LLAMA_LIKE and _LLAMA_LIKE[arch].sliding_window),
+         "sliding_window_width", f"{arch} attends to every earlier token; export to mistral or mixtral")
     need(not cfg.use_qk_layernorm, "use_qk_layernorm", "the exported classes have no query/key norm")
     need(cfg.num_unique_layers in (None, cfg.num_layers), "num_unique_layers",
          "the exported classes give every layer its own weights")
     need(not (cfg.gpt_j_residual and cfg.gpt_j_tied), "gpt_j_tied", "the exported classes have two norms per layer")
     need(cfg.opt_pos_emb_offset == 0, "opt_pos_emb_offset", "the exported classes read position p from row p")
+    check_moe_exportable(cfg, arch, need)
 
     if arch == "gpt_neox":
         need(cfg.pos_emb == "rotary", "pos_emb", "GPT-NeoX uses rotary positions")
         need(cfg.norm == "layernorm", "norm", "GPT-NeoX uses LayerNorm")
         need(cfg.kv_heads == cfg.num_attention_heads, "num_kv_heads", "GPT-NeoX has no grouped-query attention")
         need(cfg.activation in _PLAIN_TO_HF, "activation", f"GPT-NeoX takes one of {sorted(_PLAIN_TO_HF)}")
-    elif arch == "llama":
-        need(cfg.pos_emb == "rotary", "pos_emb", "Llama uses rotary positions")
-        need(cfg.rotary_pct == 1.0, "rotary_pct", "Llama rotates whole heads")
-        need(cfg.norm == "rmsnorm", "norm", "Llama uses RMSNorm")
-        need(not cfg.use_bias_in_norms, "use_bias_in_norms", "Llama's RMSNorm has no bias")
-        need(not cfg.gpt_j_residual, "gpt_j_residual", "Llama uses the sequential residual")
-        need(cfg.activation in _GATED_TO_HF, "activation", f"Llama's MLP is gated: one of {sorted(_GATED_TO_HF)}")
+    elif arch in _LLAMA_LIKE:
+        family = _LLAMA_LIKE[arch]
+        need(cfg.pos_emb == "rotary", "pos_emb", f"{arch} uses rotary positions")
+        need(cfg.rotary_pct == 1.0, "rotary_pct", f"{arch} rotates whole heads")
+        need(cfg.norm == "rmsnorm", "norm", f"{arch} uses RMSNorm")
+        need(not cfg.use_bias_in_norms, "use_bias_in_norms", f"{arch}'s RMSNorm has no bias")
+        need(not cfg.gpt_j_residual, "gpt_j_residual", f"{arch} uses the sequential residual")
+        need(cfg.activation in _GATED_TO_HF, "activation", f"{arch}'s MLP is gated: one of {sorted(_GATED_TO_HF)}")
+        need(family.attn_bias_key is not None or not cfg.use_bias_in_attn_linear, "use_bias_in_attn_linear",
+             f"{arch}'s attention projections have no biases")
+        need(family.mlp_bias_key is not None or not cfg.use_bias_in_mlp, "use_bias_in_mlp",
+             f"{arch}'s MLP projections have no biases")
     else:
         need(cfg.pos_emb == "learned", "pos_emb", "GPT-2 uses learned positions")
         need(cfg.norm == "layernorm", "norm", "GPT-2 uses LayerNorm")
@@ -123,26 +152,32 @@ def model_cfg_to_hf_config(cfg: ModelConfig, arch: str, vocab_size: int | None =
             bos_token_id=None,
             eos_token_id=None,
         )
-    if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.kv_heads,
-            head_dim=cfg.head_dim,
-            intermediate_size=cfg.mlp_inner_size,
-            hidden_act=_GATED_TO_HF[cfg.activation],
-            max_position_embeddings=cfg.max_positions,
-            rms_norm_eps=cfg.rms_norm_epsilon,
-            attention_bias=cfg.use_bias_in_attn_linear,
-            mlp_bias=cfg.use_bias_in_mlp,
-            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
-            attention_dropout=cfg.attention_dropout,
-            tie_word_embeddings=tie,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
+    if arch in _LLAMA_LIKE:
+        family = _LLAMA_LIKE[arch]
+        extra = {key: value for key, value in ((family.attn_bias_key, cfg.use_bias_in_attn_linear),
+                                               (family.mlp_bias_key, cfg.use_bias_in_mlp)) if key is not None}
+        if family.sliding_window:
+            extra["sliding_window"] = None if cfg.sliding_window_width is None else cfg.sliding_window_width + 1
+        if arch in MOE_ARCHES:
+            extra.update(moe_hf_config_kwargs(cfg, arch))
+        return family.config_class(**{
+            "vocab_size": vocab,
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.mlp_inner_size,
+            "hidden_act": _GATED_TO_HF[cfg.activation],
+            "max_position_embeddings": cfg.max_positions,
+            "rms_norm_eps": cfg.rms_norm_epsilon,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+            "attention_dropout": cfg.attention_dropout,
+            "tie_word_embeddings": tie,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            **extra,
+        })
     return GPT2Config(
         vocab_size=vocab,
         n_positions=cfg.max_positions,
@@ -174,7 +209,7 @@ def hf_config_to_model_cfg(hf_config: PretrainedConfig, make_vocab_size_divisibl
             raise ConfigError(f"{arch} hidden_act {name!r} has no neox equivalent; supported: {sorted(table)}")
         return table[name]
 
-    if arch in ("gpt_neox", "llama"):
+    if arch != "gpt2":
         rope = dict(hf_config.rope_parameters or {})
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"{arch} rope_parameters.rope_type {rope['rope_type']!r} (RoPE scaling) is not "
@@ -199,10 +234,10 @@ def hf_config_to_model_cfg(hf_config: PretrainedConfig, make_vocab_size_divisibl
             hidden_dropout=float(hf_config.hidden_dropout),
             **common,
         )
-    elif arch == "llama":
+    elif arch in _LLAMA_LIKE:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-            raise ConfigError(f"llama head_dim {head_dim} x num_attention_heads {hf_config.num_attention_heads} != "
+            raise ConfigError(f"{arch} head_dim {head_dim} x num_attention_heads {hf_config.num_attention_heads} != "
                               f"hidden_size {hf_config.hidden_size}: decoupled head sizes are not supported")
         cfg = ModelConfig(
             num_layers=hf_config.num_hidden_layers,
@@ -221,9 +256,8 @@ def hf_config_to_model_cfg(hf_config: PretrainedConfig, make_vocab_size_divisibl
             activation=act(_HF_TO_GATED, hf_config.hidden_act),
             # gpt-neox sizes gated MLPs as int(2/3 * intermediate_size) // 2; 3x gives HF's width exactly.
             intermediate_size=3 * hf_config.intermediate_size,
-            use_bias_in_attn_linear=hf_config.attention_bias,
-            use_bias_in_mlp=hf_config.mlp_bias,
             attention_dropout=float(hf_config.attention_dropout),
+            **_llama_like_keys(hf_config, arch),
             **common,
         )
     else:
@@ -251,6 +285,22 @@ def hf_config_to_model_cfg(hf_config: PretrainedConfig, make_vocab_size_divisibl
         )
     cfg.validate()
     return cfg
+
+
+def _llama_like_keys(hf_config: PretrainedConfig, arch: str) -> dict:
+    """The ModelConfig keys in which the members of the Llama family differ."""
+    family = _LLAMA_LIKE[arch]
+    keys = {"use_bias_in_attn_linear": bool(getattr(hf_config, family.attn_bias_key or "", False)),
+            "use_bias_in_mlp": bool(getattr(hf_config, family.mlp_bias_key or "", False))}
+    if family.sliding_window and hf_config.sliding_window is not None:
+        keys["sliding_window_width"] = hf_config.sliding_window - 1
+    layer_types = set(getattr(hf_config, "layer_types", None) or ())
+    if not family.sliding_window and layer_types - {"full_attention"}:
+        raise ConfigError(f"{arch} layer_types {sorted(layer_types)}: sliding-window layers among full-attention "
+                          "ones (use_sliding_window) are not supported; neox slides the window on every layer or none")
+    if arch in MOE_ARCHES:
+        keys.update(moe_model_cfg_kwargs(hf_config, arch))
+    return keys
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -302,6 +352,12 @@ class _Source:
                               "weights do not match the config")
 
 
+def hf_layer_names(arch: str, i: int) -> dict[str, str]:
+    """Layer i's HF module paths of our block modules (input_layernorm, attention.dense, mlp.linear1, ...), except
+    query_key_value: GPT-NeoX's is one module of the same name, Llama's three (q/k/v_proj), GPT-2's c_attn."""
+    return _hf_names(canonical_arch(arch), i)
+
+
 def _hf_names(arch: str, i: int) -> dict[str, str]:
     """Per-layer HF key for each neox block sub-key (without .weight / .bias)."""
     if arch == "gpt_neox":
@@ -309,7 +365,7 @@ def _hf_names(arch: str, i: int) -> dict[str, str]:
         return {"input_layernorm": p + "input_layernorm", "post_attention_layernorm": p + "post_attention_layernorm",
                 "attention.dense": p + "attention.dense", "mlp.linear1": p + "mlp.dense_h_to_4h",
                 "mlp.linear2": p + "mlp.dense_4h_to_h"}
-    if arch == "llama":
+    if arch in _LLAMA_LIKE:
         p = f"model.layers.{i}."
         return {"input_layernorm": p + "input_layernorm", "post_attention_layernorm": p + "post_attention_layernorm",
                 "attention.dense": p + "self_attn.o_proj", "mlp.linear1": p + "mlp.up_proj",
@@ -321,7 +377,7 @@ def _hf_names(arch: str, i: int) -> dict[str, str]:
 
 _TOP_LEVEL = {
     "gpt_neox": {"embed": "gpt_neox.embed_in.weight", "final_norm": "gpt_neox.final_layer_norm"},
-    "llama": {"embed": "model.embed_tokens.weight", "final_norm": "model.norm"},
+    **{arch: {"embed": "model.embed_tokens.weight", "final_norm": "model.norm"} for arch in _LLAMA_LIKE},
     "gpt2": {"embed": "transformer.wte.weight", "final_norm": "transformer.ln_f",
              "positions": "transformer.wpe.weight"},
 }
@@ -353,18 +409,27 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict, arch: str, vocab_s
     if "positions" in top:
         out[top["positions"]] = src.get("embedding.position_embeddings.weight").clone()
     h, kv, d = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
-    norm_bias = None if arch == "llama" else h  # GPT-NeoX and GPT-2 norms always have a bias
+    llama_like = arch in _LLAMA_LIKE
+    norm_bias = None if llama_like else h  # GPT-NeoX and GPT-2 norms always have a bias
+    moe_layers = set(cfg.moe_layer_indices)
     for i in range(cfg.num_layers):
         names = _hf_names(arch, i)
         b = f"blocks.{i}."
         for ours_name in ("input_layernorm", "post_attention_layernorm"):
             put(names[ours_name], b + ours_name, norm_bias)
-        zero_mlp_bias = arch != "llama" and not cfg.use_bias_in_mlp
+        zero_mlp_bias = not llama_like and not cfg.use_bias_in_mlp
+        if i in moe_layers:
+            out.update(moe_layer_to_hf(src.get, cfg, arch, i))
         for ours_name in ("mlp.linear1", "mlp.gate", "mlp.linear2"):
-            if ours_name in names:
+            if ours_name in names and i not in moe_layers:
                 rows = (h if ours_name == "mlp.linear2" else cfg.mlp_inner_size) if zero_mlp_bias else None
                 put(names[ours_name], b + ours_name, rows)
         put(names["attention.dense"], b + "attention.dense", h if arch == "gpt2" else None)
+        if llama_like and not _LLAMA_LIKE[arch].dense_bias and cfg.use_bias_in_attn_linear:
+            dense_bias = out.pop(names["attention.dense"] + ".bias")
+            if dense_bias.any():
+                raise ConfigError(f"layer {i}'s attention.dense bias is not zero, and {arch}'s o_proj has none (only "
+                                  "q/k/v are biased): this model cannot be exported to it exactly")
 
         qkv_w = src.get(b + "attention.query_key_value.weight")
         qkv_b = src.optional(b + "attention.query_key_value.bias")
@@ -373,7 +438,7 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict, arch: str, vocab_s
             out[p + ".weight"] = qkv_w.clone()
             if qkv_b is not None:
                 out[p + ".bias"] = qkv_b.clone()
-        elif arch == "llama":
+        elif llama_like:
             p = f"model.layers.{i}.self_attn."
             for name, t in zip(("q_proj", "k_proj", "v_proj"), split_qkv(qkv_w, kv, d)):
                 out[p + name + ".weight"] = t.clone()
@@ -398,7 +463,7 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict, arch: str, vocab_s
 def from_hf_state_dict(
     hf_config: PretrainedConfig, hf_state_dict: StateDict, make_vocab_size_divisible_by: int = 128
 ) -> tuple[ModelConfig, StateDict]:
-    """An HF GPTNeoX / Llama / GPT-2 causal LM -> (ModelConfig, neox state dict), vocab rows padded."""
+    """An HF causal LM of one of ARCHES -> (ModelConfig, neox state dict), vocab rows padded."""
     cfg = hf_config_to_model_cfg(hf_config, make_vocab_size_divisible_by)
     arch = canonical_arch(hf_config.model_type)
     src = _Source(hf_state_dict, arch)
@@ -417,19 +482,26 @@ def from_hf_state_dict(
     if "positions" in top:
         out["embedding.position_embeddings.weight"] = src.get(top["positions"]).clone()
     h, kv, d = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
+    # Qwen2-MoE: biased q/k/v, unbiased o_proj -> a zero attention.dense bias (the same function)
+    zero_dense_bias = arch in _LLAMA_LIKE and not _LLAMA_LIKE[arch].dense_bias and cfg.use_bias_in_attn_linear
+    moe_layers = set(cfg.moe_layer_indices)
     for i in range(cfg.num_layers):
         names = _hf_names(arch, i)
         b = f"blocks.{i}."
         for ours_name in ("input_layernorm", "post_attention_layernorm"):
             take(b + ours_name, names[ours_name], cfg.use_bias_in_norms)
+        if i in moe_layers:
+            out.update(moe_layer_from_hf(src, cfg, arch, i))
         for ours_name in ("mlp.linear1", "mlp.gate", "mlp.linear2"):
-            if ours_name in names:
+            if ours_name in names and i not in moe_layers:
                 take(b + ours_name, names[ours_name], cfg.use_bias_in_mlp)
-        take(b + "attention.dense", names["attention.dense"], cfg.use_bias_in_attn_linear)
+        take(b + "attention.dense", names["attention.dense"], cfg.use_bias_in_attn_linear and not zero_dense_bias)
+        if zero_dense_bias:
+            out[b + "attention.dense.bias"] = out[b + "attention.dense.weight"].new_zeros(h)
         qkv = b + "attention.query_key_value"
         if arch == "gpt_neox":
             take(qkv, f"gpt_neox.layers.{i}.attention.query_key_value", cfg.use_bias_in_attn_linear)
-        elif arch == "llama":
+        elif arch in _LLAMA_LIKE:
             p = f"model.layers.{i}.self_attn."
             parts = [src.get(p + n + ".weight") for n in ("q_proj", "k_proj", "v_proj")]
             out[qkv + ".weight"] = fuse_qkv(*parts, kv, d)

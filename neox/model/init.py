@@ -43,8 +43,9 @@ from torch import nn
 
 from neox.config.model import ModelConfig
 
-# Linear layers writing into the residual stream take output_layer_init_method.
-RESIDUAL_OUTPUTS = ("attention.dense", "mlp.linear2")
+# Linear layers writing into the residual stream take output_layer_init_method (a MoE block's experts and shared
+# expert included).
+RESIDUAL_OUTPUTS = ("attention.dense", "mlp.linear2", "experts.linear2", "shared_expert.linear2")
 TILE = 128
 _MASK32 = 0xFFFFFFFF
 
@@ -71,7 +72,9 @@ def init_std(method: str, cfg: ModelConfig) -> float | None:
 @dataclass(frozen=True)
 class Draw:
     """How one parameter's initial value is made: kind 'fill' (value: the constant), 'normal' (value: std, mean 0),
-    'uniform' (value: bound, on [-bound, bound]) or 'orthogonal' (value: gain); shape is the whole parameter's."""
+    'uniform' (value: bound, on [-bound, bound]) or 'orthogonal' (value: gain); shape is the whole parameter's.
+    A 3-D parameter is a stack of matrices (a MoE block's experts, [experts, inner, hidden]): each matrix is tiled as a
+    matrix of its own (tiles 1 x TILE x TILE), so one expert's values never depend on the others'."""
 
     kind: str
     value: float
@@ -79,8 +82,12 @@ class Draw:
     first_tile: int = 0  # this parameter's first tile number among the model's tiles
 
     @property
+    def tile_shape(self) -> tuple[int, ...]:
+        return (1,) * max(len(self.shape) - 2, 0) + (TILE,) * min(len(self.shape), 2)
+
+    @property
     def grid(self) -> tuple[int, ...]:
-        return tuple(-(-size // TILE) for size in self.shape)
+        return tuple(-(-size // tile) for size, tile in zip(self.shape, self.tile_shape))
 
     @property
     def tiles(self) -> int:
@@ -97,8 +104,9 @@ def method_draw(method: str, cfg: ModelConfig, shape: tuple[int, ...]) -> tuple[
     if method == "scaled_orthogonal":
         return "orthogonal", math.sqrt(2.0 / cfg.num_layers)
     if method in ("xavier_uniform", "xavier_normal"):
-        # torch's xavier_*_ with gain 1: fan_out = rows, fan_in = the rest.
-        fan_out, fan_in = shape[0], math.prod(shape[1:])
+        # torch's xavier_*_ with gain 1: fan_out = rows, fan_in = the rest; of each matrix of a 3-D stack (xavier
+        # is symmetric in the fans, so a stack stored [inner, hidden] for a down projection draws alike).
+        fan_out, fan_in = (shape[-2], shape[-1]) if len(shape) == 3 else (shape[0], math.prod(shape[1:]))
         xavier_std = math.sqrt(2.0 / (fan_in + fan_out))
         return ("uniform", math.sqrt(3.0) * xavier_std) if method == "xavier_uniform" else ("normal", xavier_std)
     raise InitError(f"unknown init method {method!r}")  # unreachable after ModelConfig.validate()
@@ -176,13 +184,11 @@ class InitPlan:
             return out.fill_(draw.value)
         generator = torch.Generator()
         if draw.kind == "orthogonal":
-            whole = torch.empty(draw.shape, dtype=out.dtype)
-            generator.manual_seed(tile_seed(self.seed, draw.first_tile))
-            nn.init.orthogonal_(whole, gain=draw.value, generator=generator)
-            return out.copy_(whole[tuple(slice(lo, hi) for lo, hi in bounds)])
-        tile = torch.empty((TILE,) * len(draw.shape), dtype=out.dtype)
+            return self._fill_orthogonal(draw, out, bounds, generator)
+        sizes = draw.tile_shape
+        tile = torch.empty(sizes, dtype=out.dtype)
         strides = [math.prod(draw.grid[d + 1:]) for d in range(len(draw.grid))]
-        for coords in itertools.product(*(range(lo // TILE, -(-hi // TILE)) for lo, hi in bounds)):
+        for coords in itertools.product(*(range(lo // t, -(-hi // t)) for (lo, hi), t in zip(bounds, sizes))):
             number = draw.first_tile + sum(c * s for c, s in zip(coords, strides))
             generator.manual_seed(tile_seed(self.seed, number))
             if draw.kind == "normal":
@@ -190,11 +196,29 @@ class InitPlan:
             else:
                 tile.uniform_(-draw.value, draw.value, generator=generator)
             source, target = [], []
-            for c, (lo, hi) in zip(coords, bounds):
-                first, last = max(lo, c * TILE), min(hi, (c + 1) * TILE)
-                source.append(slice(first - c * TILE, last - c * TILE))
+            for c, (lo, hi), t in zip(coords, bounds, sizes):
+                first, last = max(lo, c * t), min(hi, (c + 1) * t)
+                source.append(slice(first - c * t, last - c * t))
                 target.append(slice(first - lo, last - lo))
             out[tuple(target)] = tile[tuple(source)]
+        return out
+
+    def _fill_orthogonal(self, draw: Draw, out: torch.Tensor, bounds: list[tuple[int, int]],
+                         generator: torch.Generator) -> torch.Tensor:
+        """A QR needs the whole matrix: drawn whole from its first tile's generator, then sliced; each matrix of a
+        3-D stack from the first tile of its own."""
+        if len(draw.shape) < 3:
+            whole = torch.empty(draw.shape, dtype=out.dtype)
+            generator.manual_seed(tile_seed(self.seed, draw.first_tile))
+            nn.init.orthogonal_(whole, gain=draw.value, generator=generator)
+            return out.copy_(whole[tuple(slice(lo, hi) for lo, hi in bounds)])
+        per_matrix = math.prod(draw.grid[1:])
+        (first, last), rows, cols = bounds
+        for index in range(first, last):
+            whole = torch.empty(draw.shape[1:], dtype=out.dtype)
+            generator.manual_seed(tile_seed(self.seed, draw.first_tile + index * per_matrix))
+            nn.init.orthogonal_(whole, gain=draw.value, generator=generator)
+            out[index - first].copy_(whole[slice(*rows), slice(*cols)])
         return out
 
 
@@ -211,8 +235,9 @@ def init_plan(model: nn.Module, cfg: ModelConfig, seed: int) -> InitPlan:
             seen.add(id(param))
             shape = tuple(param.shape)
             kind, value = _param_draw(module_name, module, leaf, shape, cfg)
-            if kind != "fill" and len(shape) > 2:
-                raise InitError(f"{module_name}.{leaf}: tiles are drawn for vectors and matrices, not {shape}")
+            if kind != "fill" and len(shape) > 3:
+                raise InitError(f"{module_name}.{leaf}: tiles are drawn for vectors, matrices and stacks of "
+                                f"matrices, not {shape}")
             draw = Draw(kind, value, shape, next_tile)
             draws[f"{module_name}.{leaf}" if module_name else leaf] = draw
             next_tile += draw.tiles

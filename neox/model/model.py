@@ -30,30 +30,17 @@ from neox.model.init import default_init_seed, init_weights
 from neox.model.heads import split_heads
 from neox.model.loss import half_token_cross_entropy, token_cross_entropy
 from neox.model.masks import FULL, Pattern, Visibility
+from neox.model.mlp import ACTIVATION_FNS, MLP  # noqa: F401 (ACTIVATION_FNS: re-exported)
+from neox.model.moe import MoE
 from neox.model.mup import MupSetup, apply_mup
 from neox.model.norms import QKNorm, make_norm
 from neox.model.positions import (RelativePositionBias, RotaryTable, alibi_slopes, rotary_inv_freq, rotate,
                                   sinusoidal_embedding)
 from neox.model.state import register_state_dict_hooks
+from neox.model.value_head import ValueHead
 
 _log = logging.getLogger("neox.model")
 _flash_fallback_said = False
-
-ACTIVATION_FNS = {
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "mish": F.mish,
-    "softsign": F.softsign,
-    # gated: the function applied to the gate projection
-    "geglu": F.gelu,
-    "reglu": F.relu,
-    "swiglu": F.silu,
-    "glu": torch.sigmoid,
-    "bilinear": lambda x: x,
-}
 
 
 class Embedding(nn.Module):
@@ -237,23 +224,6 @@ class Attention(nn.Module):
         return probs @ v
 
 
-class MLP(nn.Module):
-    """linear1 -> activation -> linear2; gated activations add a `gate` projection: act(gate) * linear1."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        inner = cfg.mlp_inner_size
-        self.linear1 = nn.Linear(cfg.hidden_size, inner, bias=cfg.use_bias_in_mlp)
-        self.gate = nn.Linear(cfg.hidden_size, inner, bias=cfg.use_bias_in_mlp) if cfg.gated_mlp else None
-        self.linear2 = nn.Linear(inner, cfg.hidden_size, bias=cfg.use_bias_in_mlp)
-        self.activation = ACTIVATION_FNS[cfg.activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
-            return self.linear2(self.activation(self.linear1(x)))
-        return self.linear2(self.activation(self.gate(x)) * self.linear1(x))
-
-
 class Block(nn.Module):
     """One transformer layer, pre-norm; parallel (GPT-J) or sequential residual. gpt_j_tied: the parallel residual
     feeds both branches from the one input norm (no post-attention norm)."""
@@ -265,7 +235,8 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer_index, rotary, relative_bias)
         tied = cfg.gpt_j_residual and cfg.gpt_j_tied
         self.post_attention_layernorm = None if tied else make_norm(cfg)
-        self.mlp = MLP(cfg)
+        # Every moe_expert_interval-th layer (gpt-neox counts from layer 0), or those moe_layers lists, is a MoE.
+        self.mlp = MoE(cfg) if layer_index in cfg.moe_layer_indices else MLP(cfg)
         self.parallel_residual = cfg.gpt_j_residual
         self.dropout = cfg.hidden_dropout
 
@@ -300,7 +271,8 @@ class Head(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, cfg: ModelConfig, mup: MupSetup | None = None, init_seed: int | None = None):
+    def __init__(self, cfg: ModelConfig, mup: MupSetup | None = None, init_seed: int | None = None,
+                 value_head: bool = False):
         super().__init__()
         cfg.validate()
         if cfg.padded_vocab_size is None:
@@ -329,8 +301,9 @@ class GPTNeoX(nn.Module):
         # Recomputes a run of layers in backward (checkpoint_activations); neox/parallel may swap in DeepSpeed's.
         self.activation_checkpoint = partial(checkpoint, use_reentrant=False)
         self.final_norm = make_norm(cfg)
-        self.head = Head(cfg)
-        if not cfg.no_weight_tying:
+        # value_head: a reward model (train_impl rm) scores each position instead of predicting the next token.
+        self.head = ValueHead(cfg.hidden_size) if value_head else Head(cfg)
+        if not cfg.no_weight_tying and not value_head:
             self.head.weight = self.embedding.word_embeddings.weight
         torch.random.set_rng_state(stream)
         # Any block of any parameter's initial value, from the seed alone: a meta-device build's parameters are

@@ -26,11 +26,12 @@ class MaterializeError(RuntimeError):
     pass
 
 
-def meta_model(cfg: ModelConfig, mup: MupSetup | None = None, init_seed: int | None = None) -> GPTNeoX:
+def meta_model(cfg: ModelConfig, mup: MupSetup | None = None, init_seed: int | None = None,
+               value_head: bool = False) -> GPTNeoX:
     """GPTNeoX's structure with every parameter on the meta device (no memory, no RNG draws) and its init plan;
     buffers that depend only on the config are real."""
     with torch.device("meta"):
-        model = GPTNeoX(cfg, mup, init_seed)
+        model = GPTNeoX(cfg, mup, init_seed, value_head=value_head)
     for block in model.blocks:
         attn = block.attention
         if attn.alibi_slopes is not None:

@@ -23,12 +23,16 @@ import torch
 from torch import nn
 
 from neox.model import GPTNeoX, causal_lm_loss
+from neox.model.moe import MoE
+from neox.model.value_head import ValueHead
+from neox.parallel.lora import LoraParallelLinear, column_parallel_linear, row_parallel_linear
+from neox.parallel.moe import shard_moe
 from neox.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 from neox.parallel.tensor import (ColumnParallelLinear, ParallelQKNorm, ParallelRelativePositionBias,
                                   RowParallelHead, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                                   copy_to_tp, mark_parallel, shard_rows, vocab_parallel_lm_loss)
 from neox.parallel.rng import use_tp_rank_dropout
-from neox.parallel.sequence import scatter_to_sequence
+from neox.parallel.sequence import gather_for_replicated, scatter_to_sequence
 from neox.parallel.topology import Topology, check_model_divides
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -49,16 +53,20 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: boo
     cfg = model.cfg
     tp, rank, group = topo.tp_size, topo.tp_rank, topo.tp_group
     check_model_divides(cfg, tp, topo.pp_size)
+    # The split parameters are new tensors: those frozen (a LoRA base) stay frozen under their unchanged names.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     if tp > 1:
         relative_bias = None
         for block in dict.fromkeys(model.blocks):  # a block shared by several layers is parallelised once
             for name, module in list(block.named_modules()):
                 if not isinstance(module, nn.Linear):
                     continue
-                if name in COLUMN_PARALLEL:
-                    _swap(block, name, ColumnParallelLinear(module, group, rank, tp))
+                if name in COLUMN_PARALLEL:  # with its LoRA adapter split alike, if it has one
+                    _swap(block, name, column_parallel_linear(module, group, rank, tp))
                 elif name in ROW_PARALLEL:
-                    _swap(block, name, RowParallelLinear(module, group, rank, tp))
+                    _swap(block, name, row_parallel_linear(module, group, rank, tp))
+            if isinstance(block.mlp, MoE):  # every expert split as the dense MLP is (neox/parallel/moe.py)
+                shard_moe(block.mlp, group, rank, tp)
             attn = block.attention
             attn.num_heads //= tp
             attn.kv_heads //= tp
@@ -74,10 +82,12 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: boo
                     attn.rpe = relative_bias
             # Each rank holds other heads: one shared stream would give them the same attention-dropout masks.
             use_tp_rank_dropout(attn, rank, tp)
-        tied = model.head.weight is model.embedding.word_embeddings.weight
+        tied = getattr(model.head, "weight", None) is model.embedding.word_embeddings.weight
         embedding = VocabParallelEmbedding(model.embedding.word_embeddings, group, rank, tp)
         model.embedding.word_embeddings = embedding
-        if tied:
+        if isinstance(model.head, ValueHead):
+            pass  # a reward model's scalar head stays whole on every rank, like the norms before it
+        elif tied:
             model.head = VocabParallelHead(embedding.weight, group, embedding.vocab_start)
         elif row_parallel_head:
             model.head = RowParallelHead(model.head.weight, group, rank, tp)
@@ -86,9 +96,11 @@ def apply_tensor_parallel(model: GPTNeoX, topo: Topology, row_parallel_head: boo
             model.head = VocabParallelHead(head_weight, group, embedding.vocab_start)
         if sequence_parallel:
             _shard_sequence(model, topo)
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if not hasattr(param, "neox_tp_sharded"):
             mark_parallel(param, False, rank)
+        if name in frozen:
+            param.requires_grad_(False)
     return model
 
 
@@ -122,6 +134,8 @@ def _shard_sequence(model: GPTNeoX, topo: Topology) -> None:
                 module.sequence_parallel = True
             if isinstance(module, RowParallelLinear) and module.bias is not None:
                 row_biases.append(module.bias)  # summed over tp in RowParallelLinear's sequence-parallel forward
+            if isinstance(module, LoraParallelLinear):
+                row_biases.append(module.replicated_adapter)  # summed over tp in the layer's forward
         attn = block.attention
         # Attention runs on the whole sequence of this rank's heads: its qk norm and T5 table keep their own rule.
         whole_sequence = [m for m in (attn.qk_norm, attn._relative_bias[0]) if m is not None]
@@ -130,7 +144,14 @@ def _shard_sequence(model: GPTNeoX, topo: Topology) -> None:
         use_tp_rank_dropout(block, topo.tp_rank, topo.tp_size)  # hidden dropout on this rank's positions
     for norm in norms:
         norm.affine = _SummedOverTP(norm.affine, group)
-    model.head.sequence_parallel = True
+    if isinstance(model.head, ValueHead):  # replicated: it scores the whole sequence on every rank
+        model.head.register_forward_pre_hook(partial(_gather_input, group))
+    else:
+        model.head.sequence_parallel = True
+
+
+def _gather_input(group, module: nn.Module, args: tuple) -> tuple:
+    return (gather_for_replicated(args[0], group), *args[1:])
 
 
 def _check_replicated_covered(block: nn.Module, covered: list[nn.Parameter]) -> None:

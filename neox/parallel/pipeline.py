@@ -4,21 +4,20 @@ Each LayerSpec wraps a module of an already built GPTNeoX, so every layout start
 device would have; a stage keeps only its own layers. A meta-device model is initialised only in those
 (`stage_parameters`: the cut is known before DeepSpeed makes it), the other layers stay on the meta device.
 Activations between stages are (hidden, position_ids); the first stage reads (tokens, position_ids) and the last
-stage's loss reads (labels, loss_mask). With tied embeddings the head is a TiedLayerSpec on the embedding:
+stage's loss (neox/parallel/global_batch.py GlobalBatchLoss) reads the objective's targets, a tuple of tensors. With tied embeddings the head is a TiedLayerSpec on the embedding:
 DeepSpeed keeps one copy per owning stage, sums the tied gradient over them and marks the non-first copy
 `ds_pipe_replicated` (counted once in the norm).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neox.model import GPTNeoX
-from neox.parallel.parallelize import LossFn
 from neox.parallel.stages import partition_layers
 from neox.parallel.tensor import column_linear
 from neox.parallel.topology import Topology
@@ -73,18 +72,6 @@ def _tied_head_forward(tp_group, sequence_parallel: bool, module: EmbeddingPipe,
     return column_linear(hidden, module.embedding.word_embeddings.weight, None, tp_group, sequence_parallel)
 
 
-class PipeLoss:
-    """loss_fn(logits, (labels, loss_mask)) as DeepSpeed's pipeline engine calls it on the last stage."""
-
-    def __init__(self, lm_loss: LossFn):
-        self.lm_loss = lm_loss
-        self.__name__ = "lm_loss"
-
-    def __call__(self, logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        labels, loss_mask = targets
-        return self.lm_loss(logits, labels, loss_mask)
-
-
 def _checkpoint_without_reentry(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
 
@@ -94,7 +81,7 @@ def pipeline_layers(model: GPTNeoX, topo: Topology) -> list:
     the weights are tied). Each wraps a module of `model` (which may still be on the meta device)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    tied = model.head.weight is model.embedding.word_embeddings.weight
+    tied = getattr(model.head, "weight", None) is model.embedding.word_embeddings.weight  # not a value head
     if tied:
         specs: list = [TiedLayerSpec(TIED_KEY, EmbeddingPipe, model.embedding, tied_weight_attr=TIED_WEIGHT)]
     else:
@@ -126,11 +113,13 @@ def stage_parameters(model: GPTNeoX, topo: Topology, partition_method: str) -> l
     return list(dict.fromkeys(p for spec in own for p in spec.build().parameters()))
 
 
-def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, partition_method: str,
+def build_pipeline_module(model: GPTNeoX, topo: Topology, loss_fn: Callable[[torch.Tensor, tuple], torch.Tensor],
+                          partition_method: str,
                           checkpoint_activations: bool, checkpoint_num_layers: int = 1,
                           checkpoint_func: Callable | None = None):
     """Collective. `model` must already be tensor-parallelised (apply_tensor_parallel), and this stage's layers
-    (stage_parameters) real: the others may stay on the meta device. With checkpoint_activations,
+    (stage_parameters) real: the others may stay on the meta device. loss_fn(logits, targets) runs on the last
+    stage (targets: the tuple pipeline_batches yields second). With checkpoint_activations,
     runs of checkpoint_num_layers layers of a stage are recomputed together by checkpoint_func (DeepSpeed's, from
     neox/parallel/activation_checkpoint.py, or None for torch's); a run holding a non-transformer layer (the
     embedding, the final norm, the head) is not recomputed, as DeepSpeed decides."""
@@ -142,7 +131,7 @@ def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, parti
                 "holds layers it did not initialise; align partition_layers with this DeepSpeed version's "
                 "PipelineModule._partition_layers")
     try:
-        module = PipelineModule(layers=specs, topology=topo.ds_topology, loss_fn=PipeLoss(lm_loss),
+        module = PipelineModule(layers=specs, topology=topo.ds_topology, loss_fn=loss_fn,
                                 partition_method=partition_method,
                                 activation_checkpoint_interval=checkpoint_num_layers if checkpoint_activations else 0,
                                 activation_checkpoint_func=checkpoint_func or _checkpoint_without_reentry,
@@ -154,7 +143,8 @@ def build_pipeline_module(model: GPTNeoX, topo: Topology, lm_loss: LossFn, parti
     return module
 
 
-def pipeline_batches(loader: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[tuple, tuple]]:
-    """Loader micro-batches in the engine's shape: ((tokens, position_ids), (labels, loss_mask))."""
-    for batch in loader:
-        yield (batch["tokens"], batch["position_ids"]), (batch["labels"], batch["loss_mask"])
+def pipeline_batches(batches: Iterable[dict[str, torch.Tensor]], inputs: Callable[[dict], tuple],
+                     targets: Callable[[dict], tuple]) -> Iterator[tuple[tuple, tuple]]:
+    """Micro-batches in the engine's shape: (inputs(batch) for the first stage, targets(batch) for the last)."""
+    for batch in batches:
+        yield tuple(inputs(batch)), tuple(targets(batch))

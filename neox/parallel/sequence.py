@@ -99,6 +99,12 @@ def gather_from_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return _Conjugate.apply(x, group, _all_gather, _reduce_scatter)
 
 
+def gather_for_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    """Every position on every rank, for a replicated layer that then computes the same on each rank (a reward
+    model's value head): backward keeps this rank's positions of the gradient, with no sum (all ranks hold it whole)."""
+    return _Conjugate.apply(x, group, _all_gather, _split)
+
+
 def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return _Conjugate.apply(x, group, _reduce_scatter, _all_gather)
 

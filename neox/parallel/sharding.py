@@ -17,10 +17,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-# Module names (suffixes after "blocks.N.") -> parallel style.
-COLUMN_PARALLEL = ("attention.query_key_value", "mlp.linear1", "mlp.gate")
-ROW_PARALLEL = ("attention.dense", "mlp.linear2")
+# Module names (suffixes after "blocks.N.") -> parallel style. A MoE block's shared expert is a dense MLP.
+COLUMN_PARALLEL = ("attention.query_key_value", "mlp.linear1", "mlp.gate", "mlp.shared_expert.linear1",
+                   "mlp.shared_expert.gate")
+ROW_PARALLEL = ("attention.dense", "mlp.linear2", "mlp.shared_expert.linear2")
 VOCAB_PARALLEL = ("embedding.word_embeddings", "head")
+# A MoE block's experts, weights [experts, inner, hidden] (neox/model/moe.py): every expert's hidden units are split
+# over tp, dim 1 of all three (the dense MLP's column split of linear1 / gate, row split of linear2).
+EXPERT_WEIGHTS = ("mlp.experts.linear1", "mlp.experts.gate", "mlp.experts.linear2")
 
 
 class ShardingError(ValueError):
@@ -54,10 +58,14 @@ def tp_split_dim(param_name: str, overrides: Overrides | None = None) -> int | N
     if overrides and param_name in overrides:
         return overrides[param_name]
     module, leaf = _module_of(param_name)
+    if _matches(module, EXPERT_WEIGHTS):
+        return 1
+    # A LoRA adapter (neox/parallel/lora.py) splits as its base: B with a column-parallel W's rows, A with a
+    # row-parallel W's columns; the other factor is whole on every rank.
     if _matches(module, COLUMN_PARALLEL) or _matches(module, VOCAB_PARALLEL):
-        return 0
+        return None if leaf == "lora_A" else 0
     if _matches(module, ROW_PARALLEL):
-        return 1 if leaf == "weight" else None
+        return 1 if leaf in ("weight", "lora_A") else None
     return None
 
 

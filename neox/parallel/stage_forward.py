@@ -25,7 +25,9 @@ class PipelineStage(nn.Module):
     PipelineModule gives this stage), or with topo None the whole model on one rank. The full model passed in may
     be dropped afterwards: only this stage's modules stay referenced."""
 
-    def __init__(self, model: GPTNeoX, topo: Topology | None, partition_method: str | None):
+    def __init__(self, model: GPTNeoX, topo: Topology | None, partition_method: str | None,
+                 parallelised: bool = False):
+        """parallelised: `model` is already tensor-parallel (a training engine's, whose stage this runs)."""
         super().__init__()
         if topo is not None and partition_method is None:
             raise ValueError("a pipeline stage needs pipe_partition_method: the stages are cut as training cuts them")
@@ -36,7 +38,8 @@ class PipelineStage(nn.Module):
         if topo is None:
             bounds = [0, num_blocks + 3]
         else:
-            apply_tensor_parallel(model, topo)
+            if not parallelised:
+                apply_tensor_parallel(model, topo)
             bounds = stage_bounds(pipeline_layers(model, topo), topo.pp_size, partition_method)
         stage = topo.pp_rank if topo is not None else 0
         # Pipeline layers: 0 embedding, 1..N the blocks, N+1 the final norm, N+2 the head.

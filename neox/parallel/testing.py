@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import socket
 import traceback
 from typing import Any, Callable
@@ -24,10 +25,32 @@ class DistributedRunError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port() -> int:
+    """A port nothing listens on, from below the kernel's ephemeral range. bind(0) and outgoing connections draw
+    their ports from that range: a port found free there could be taken by any socket on the machine (the gloo groups
+    of tests running beside this one) before rank 0 binds it, seconds later. Below it only a test picking the same
+    number at random can take it (system randomness: tests seed `random`, and concurrent test runs must differ)."""
+    low = _lowest_ephemeral_port()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # SO_REUSEADDR as torch's store binds: a port in TIME_WAIT is free for it, a listening one is not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {low} after 200 tries")
+
+
+def _lowest_ephemeral_port() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
@@ -50,7 +73,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """Results ordered by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -72,10 +72,16 @@ def check_model_divides(model: ModelConfig, tp_size: int, pp_size: int) -> None:
     checks = [
         ("num_attention_heads", model.num_attention_heads, tp_size),
         ("num_kv_heads (key/value heads)", model.kv_heads, tp_size),
-        ("the MLP inner size (intermediate_size)", model.mlp_inner_size, tp_size),
     ]
+    if len(model.moe_layer_indices) < model.num_layers:  # some layer has a dense MLP
+        checks.append(("the MLP inner size (intermediate_size)", model.mlp_inner_size, tp_size))
     if model.padded_vocab_size is not None:
         checks.append(("padded_vocab_size", model.padded_vocab_size, tp_size))
+    if model.moe_layer_indices:  # every expert (and the shared expert) is split as the dense MLP is
+        checks.append(("the experts' inner width (moe_intermediate_size)", model.expert_inner_size, tp_size))
+        if model.moe_num_shared_experts:
+            checks.append(("the shared expert's inner width (moe_shared_expert_intermediate_size)",
+                           model.shared_expert_inner_size, tp_size))
     for name, value, parts in checks:
         if value % parts:
             raise TopologyError(f"model_parallel_size {tp_size} must divide {name} = {value}: choose a "

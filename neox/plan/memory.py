@@ -13,7 +13,9 @@ Activations, per micro-batch, in elements of T*h (T = micro-batch x seq_length t
 from the tensors autograd saves in neox/model/model.py (tests/unit/test_plan_estimates.py checks them with
 saved_tensors_hooks): block input and both norm outputs (tp-replicated; one more, x + attn, for a sequential
 residual; RMSNorm's normalised input); SDPA's q, k, v, its output and the re-laid-out output, the MLP's
-projection and activation outputs (split over tp). With checkpoint_activations only each block's input stays,
+projection and activation outputs (split over tp); a MoE layer's MLP per routed choice: the gathered tokens and
+expert outputs (tp-replicated) and the expert's hidden tensors (split), plus its router's fp32 probabilities
+(moe_mlp_activation_elements). With checkpoint_activations only each block's input stays,
 plus one block recomputed during backward. The last stage adds the final norm, the logits and what the loss
 keeps (neox/model/loss.py: the logits and their gradient; with tp, vocab_parallel_cross_entropy's fp32
 temporaries). A pipeline stage holds min(stages - stage index, gradient accumulation) micro-batches
@@ -25,13 +27,16 @@ norm's tensors; the tp-split terms and the logits stay as they are. Without it, 
 checkpointed block inputs alone by tp.
 The peak is the largest of the model build (dp-only: the whole fp32 model on every rank; with tp/pp: the rank's
 tp shards of its stage's layers, drawn alone from a meta-device model), the forward peak (states, gradients still held, activations), the step
-after backward (states and all gradients) and a checkpoint save, which adds an fp32 copy of the rank's parameters
-and Adam moments (the layout-free copy, neox/checkpoint/layout_state.py) to the states.
+after backward (states and all gradients) and a checkpoint save (save_host_bytes): each rank writes its own shard of
+the layout-free copy from the engine's memory (neox/checkpoint/layout_state.py), adding at most one staging buffer
+when the state is on a GPU; checkpoint_async adds one host copy of that shard and of DeepSpeed's state
+(neox/checkpoint/async_save.py). On a GPU that is host RAM, reported apart from the device peak.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from neox.checkpoint.shard_files import BUFFER_BYTES
 from neox.config.model import ModelConfig
 from neox.config.neox_config import NeoXConfig
 from neox.plan.params import StageParams
@@ -47,7 +52,7 @@ DEFAULT_STAGE3_PREFETCH = 50_000_000
 class Activations:
     """Bytes of one pipeline stage's activations at the forward peak."""
 
-    per_layer_elements: float  # saved tensors of one block per token per hidden unit, without checkpointing
+    per_layer_elements: float  # saved tensors of one (dense) block per token per hidden unit, without checkpointing
     in_flight: int  # micro-batches whose activations the stage holds at once
     with_checkpointing: int
     without_checkpointing: int
@@ -70,7 +75,9 @@ class RankMemory:
     activations_other_sp: Activations | None
     checkpoint_activations: bool
     framework: int
-    save_copy: int  # transient during a checkpoint save
+    save_copy: int  # transient during a checkpoint save, in the memory this table counts (0 on a GPU: it is host RAM)
+    save_host: int  # the same in host RAM, on any device
+    save_in_background: bool  # checkpoint_async: the host copy lives on through the next training steps
     model_build: int  # host memory of building the model: the whole fp32 model (dp-only) or the rank's fp32 shards
 
     @property
@@ -89,6 +96,8 @@ class RankMemory:
 
     @property
     def save_peak(self) -> int:
+        if self.save_in_background:
+            return max(self.forward_peak, self.step_peak) + self.save_copy
         return self.step_peak - self.gradients + self.gradients_in_forward + self.save_copy
 
     @property
@@ -106,17 +115,40 @@ class RankMemory:
         return max(phases, key=phases.get)
 
 
-def layer_activation_elements(m: ModelConfig, tp: int, sequence_parallel: bool = False) -> float:
-    """Saved elements per token per hidden unit of one block without checkpointing (see the module docstring)."""
+def layer_activation_elements(m: ModelConfig, tp: int, sequence_parallel: bool = False, moe: bool = False,
+                              dtype_bytes: int = 4) -> float:
+    """Saved elements per token per hidden unit of one block without checkpointing (see the module docstring);
+    moe: a MoE layer's (moe_mlp_activation_elements), in elements of dtype_bytes."""
     kv = m.kv_heads / m.num_attention_heads
-    mlp_ratio = m.mlp_inner_size / m.hidden_size
     replicated = 3.0 + (0.0 if m.gpt_j_residual else 1.0)  # block input, both norm outputs (+ x + attn)
     if m.norm == "rmsnorm":
         replicated += 2.0  # torch's rms_norm, unfused, also saves x * rsqrt(mean(x^2)) for each norm
     attention = (1 + 2 * kv) + 2.0  # SDPA's q, k, v; its output and the re-laid-out output
+    if moe:
+        mlp_replicated, mlp_split = moe_mlp_activation_elements(m, dtype_bytes)
+        return (replicated / (tp if sequence_parallel else 1) + mlp_replicated
+                + (attention + mlp_split) / tp)
+    return replicated / (tp if sequence_parallel else 1) + (attention + _mlp_elements(m, m.mlp_inner_size)) / tp
+
+
+def _mlp_elements(m: ModelConfig, inner: int) -> float:
     # plain: input projection and activation output; gated: gate, activation output, linear1 output, product
-    mlp = (4.0 if m.gated_mlp else 2.0) * mlp_ratio
-    return replicated / (tp if sequence_parallel else 1) + (attention + mlp) / tp
+    return (4.0 if m.gated_mlp else 2.0) * inner / m.hidden_size
+
+
+def moe_mlp_activation_elements(m: ModelConfig, dtype_bytes: int) -> tuple[float, float]:
+    """(tp-replicated, tp-split) saved elements per token per hidden unit of a MoE layer's MLP (neox/model/moe.py),
+    its input (the norm output, counted with the block) excluded: per routed choice the gathered tokens and the
+    expert outputs (whole on every tp rank), the expert MLP's hidden tensors at the expert width (split); the fp32
+    router probabilities and logits and the int64 routing indices; a shared expert's MLP (split) and its gated
+    output (replicated)."""
+    h, k = m.hidden_size, m.moe_top_k
+    replicated = 2.0 * k + ((2 * m.moe_num_experts + 1) * 4 + 3 * k * 8) / (h * dtype_bytes)
+    split = k * _mlp_elements(m, m.expert_inner_size)
+    if m.moe_num_shared_experts:
+        split += _mlp_elements(m, m.shared_expert_inner_size)
+        replicated += 1.0 if m.moe_shared_expert_gate else 0.0
+    return replicated, split
 
 
 def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int,
@@ -132,10 +164,13 @@ def stage_activations(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int,
     partitioned = m.partition_activations and m.deepspeed_activation_checkpointing and tp > 1
     checkpoint_th = th / tp if partitioned else shard_th
     per_layer = layer_activation_elements(m, tp, sp)
+    per_moe_layer = layer_activation_elements(m, tp, sp, moe=True, dtype_bytes=a) if stage.moe_blocks else 0.0
+    dense_blocks = stage.blocks - stage.moe_blocks
     in_flight = min(pp - stage.index, t.gradient_accumulation_steps) if pp > 1 else 1
     pipe_buffers = 2 * shard_th * a if pp > 1 else 0
-    full = stage.blocks * per_layer * th * a
-    recompute = per_layer * th * a if stage.blocks else 0  # one block at a time, whatever is in flight
+    full = (dense_blocks * per_layer + stage.moe_blocks * per_moe_layer) * th * a
+    # one block at a time, whatever is in flight
+    recompute = max(per_layer if dense_blocks else 0.0, per_moe_layer) * th * a if stage.blocks else 0
     loss_block = 0
     if stage.is_last:
         logits = tokens * (m.padded_vocab_size // tp)
@@ -215,7 +250,9 @@ def rank_memory(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int, dp: int, 
                               if tp > 1 else None),
         checkpoint_activations=cfg.model.checkpoint_activations,
         framework=framework_bytes,
-        save_copy=save_copy_bytes(cfg, p, on_gpu),
+        save_copy=0 if on_gpu else save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu),
+        save_host=save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu),
+        save_in_background=cfg.train.checkpoint_async,
         model_build=0 if on_gpu else model_build_bytes(cfg, p, total_params, tp, pp),  # GPU: the build is in host RAM
     )
 
@@ -234,7 +271,17 @@ def model_build_bytes(cfg: NeoXConfig, rank_params: int, total_params: int, tp: 
     return FP32 * (rank_params + (2 * largest if orthogonal else 0))
 
 
-def save_copy_bytes(cfg: NeoXConfig, params: int, on_gpu: bool) -> int:
-    """The layout-free checkpoint copy (fp32 weights + two Adam moments) a save gathers in host memory."""
-    saves = cfg.train.save is not None and getattr(cfg.train, "checkpoint_layout_free", True)
-    return 3 * FP32 * params if saves and not on_gpu else 0  # on a GPU it lands in host memory, not the device's
+def save_host_bytes(cfg: NeoXConfig, params: int, dp: int, engine_state: int, on_gpu: bool) -> int:
+    """Host memory a checkpoint save adds on a rank. The layout-free shard is the fp32 value and both Adam moments of
+    the rank's 1/dp of its parameters (ZeRO's partition, or its slice of the replica at ZeRO 0). A synchronous save
+    writes it from where it lives: nothing on a CPU, one staging buffer (shard_files.BUFFER_BYTES) from a GPU.
+    checkpoint_async copies it to host memory, and DeepSpeed's state too (engine_state: the module's weights, which
+    the first dp rank writes, and the rank's optimizer states), while training goes on."""
+    t = cfg.train
+    if t.save is None:
+        return 0
+    layout_free = t.checkpoint_layout_free or t.no_save_optim
+    shard = (FP32 if t.no_save_optim else 3 * FP32) * -(-params // dp) if layout_free else 0
+    if not getattr(t, "checkpoint_async", False):
+        return min(shard, BUFFER_BYTES) if on_gpu else 0
+    return shard + (0 if t.no_save_optim else engine_state)  # no_save_optim writes no DeepSpeed files

@@ -1,6 +1,7 @@
 """The plan as text: layout, batch arithmetic, parameters, per-rank memory by term, FLOPs and step time."""
 from __future__ import annotations
 
+from neox.checkpoint.shard_files import BUFFER_BYTES
 from neox.plan.memory import RankMemory, model_build_bytes
 from neox.plan.plan import Plan
 
@@ -40,10 +41,12 @@ def format_plan(plan: Plan) -> str:
                  f"sequences x {m.seq_length} tokens = {thr.tokens_per_step:,} tokens/step")
     lines.append(f"parameters   {plan.params.total:,} total; {plan.largest_stage_params:,} on the largest rank "
                  f"(a tp shard of one pipeline stage)")
+    lines += _experts(plan)
     lines.append("")
     lines += _memory_table(plan)
     lines.append("")
-    lines.append(f"FLOPs        {_si(thr.model_flops_per_token, 'FLOP')}/token (6N + 12 L h s, as the training "
+    n = "N active" if plan.params.experts else "N"
+    lines.append(f"FLOPs        {_si(thr.model_flops_per_token, 'FLOP')}/token (6{n} + 12 L h s, as the training "
                  f"loop counts them for MFU) = {_si(thr.model_flops_per_step, 'FLOP')}/step")
     if m.checkpoint_activations:
         lines.append(f"             {_si(thr.hardware_flops_per_token * thr.tokens_per_step, 'FLOP')}/step counting "
@@ -58,6 +61,22 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"             {t.train_iters:,} iterations = {thr.tokens_per_step * t.train_iters:,.0f} tokens "
                      f"in {_duration(thr.step_time_s * t.train_iters)}")
     return "\n".join(lines)
+
+
+def _experts(plan: Plan) -> list[str]:
+    """A MoE model: the parameters a token uses, and the experts' share of the model and of a rank."""
+    params, m = plan.params, plan.cfg.model
+    if not params.experts:
+        return []
+    tp = plan.cfg.parallel.model_parallel_size
+    bytes_per = {"fp32": 4, "fp16": 2, "bfloat16": 2}[plan.cfg.optim.precision]
+    return [f"             {params.active:,} active per token: top-{m.moe_top_k} of {m.moe_num_experts} experts in "
+            f"{len(m.moe_layer_indices)} MoE layer(s)" + (f", plus {m.moe_num_shared_experts} shared"
+                                                          if m.moe_num_shared_experts else ""),
+            f"experts      {params.experts:,} parameters ({params.experts / params.total:.0%} of the model); "
+            f"{params.experts_per_tp_rank:,} per rank" + (f" (each expert split over the {tp} tp ranks)" if tp > 1
+                                                          else "") + ", "
+            f"{gib(params.experts_per_tp_rank * bytes_per)} of {plan.cfg.optim.precision} weights"]
 
 
 def _memory_table(plan: Plan) -> list[str]:
@@ -89,7 +108,8 @@ def _memory_table(plan: Plan) -> list[str]:
     if any(r.model_build for r in ranks):
         rows.append(("model build (fp32)", [r.model_build for r in ranks]))
     if any(r.save_copy for r in ranks):
-        rows.append(("checkpoint save copy (fp32 + moments)", [r.save_copy for r in ranks]))
+        rows.append((f"checkpoint save{' (async host copy)' if plan.cfg.train.checkpoint_async else ''}",
+                     [r.save_copy for r in ranks]))
     lines = [head, f"  {'layers (embedding + blocks + head)':<42}" + "".join(f"{x:>12}" for x in layers),
              f"  {'parameters on the rank':<42}" + "".join(f"{x:>12}" for x in counts)]
     for label, values in rows:
@@ -103,6 +123,7 @@ def _memory_table(plan: Plan) -> list[str]:
                  f"{gib(plan.capacity_bytes)} ({plan.capacity_source}): {verdict}")
     lines += _sequence_parallel_summary(big)
     lines.append(f"framework: {gib(plan.baseline.bytes)}, {plan.baseline.how}")
+    lines += _checkpoint_line(plan)
     if plan.accelerator is not None:
         par = plan.cfg.parallel
         build = model_build_bytes(plan.cfg, plan.params.largest_stage.params, plan.params.total,
@@ -113,6 +134,25 @@ def _memory_table(plan: Plan) -> list[str]:
         lines.append(f"host RAM at start-up: each rank builds {how}: {gib(build)} per rank, "
                      f"{gib(build * per_node)} per node of {per_node}")
     return lines
+
+
+def _checkpoint_line(plan: Plan) -> list[str]:
+    t = plan.cfg.train
+    if t.save is None:
+        return []
+    most = max(r.save_host for r in plan.ranks)
+    if t.checkpoint_async:
+        how = ("checkpoint_async: each rank copies its layout-free shard and DeepSpeed's state to host memory, then "
+               "trains on while a thread writes them")
+    else:
+        how = ("each rank writes its own layout-free shard (1/dp of its fp32 weights + Adam moments) from the "
+               "engine's memory" + (", through one staging buffer" if plan.accelerator is not None else ""))
+    # A resume at another layout preads each rank's own ranges straight into its tensors (via one staging buffer
+    # when they are on a GPU): neox/checkpoint/shard_files.py.
+    load = BUFFER_BYTES if plan.accelerator is not None else 0
+    return [f"checkpoint save: {how}: {gib(most)} of extra host RAM per rank at most",
+            f"checkpoint resume at another layout: each rank reads only its own byte ranges of the layout-free "
+            f"shards, into its tensors: {gib(load)} of extra host RAM per rank at most"]
 
 
 def _activation_bytes(activations, checkpointed: bool) -> int:

@@ -1,14 +1,16 @@
 """FLOPs per optimizer step and the step time and tokens/s they imply at a peak and an assumed MFU.
 
 The count is the training loop's own (neox/train/flops.py: 6N + 12 L h s per token, recomputation not counted), so
-a plan's MFU and the MFU a run logs mean the same thing. Hardware FLOPs add the recomputed forward pass
-(2N + 4 L h s per token) when checkpoint_activations is on.
+a plan's MFU and the MFU a run logs mean the same thing. N is the active parameters: a MoE layer's token runs k
+of its E experts (neox/model/moe.py:inactive_params), as Megatron counts MoE FLOPs. Hardware FLOPs add the
+recomputed forward pass (2N + 4 L h s per token) when checkpoint_activations is on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from neox.config.neox_config import NeoXConfig
+from neox.model.moe import inactive_params
 from neox.train.flops import matmul_params, train_flops_per_token
 
 
@@ -46,7 +48,8 @@ class Throughput:
 
 def throughput(cfg: NeoXConfig, total_params: int, peak_flops_per_rank: float, mfu: float) -> Throughput:
     m, t = cfg.model, cfg.train
-    n_matmul = matmul_params(total_params, m.padded_vocab_size, m.hidden_size, tied_head=not m.no_weight_tying,
+    n_matmul = matmul_params(total_params - inactive_params(m), m.padded_vocab_size, m.hidden_size,
+                             tied_head=not m.no_weight_tying,
                              learned_pos_rows=m.max_positions if m.pos_emb == "learned" else 0)
     per_token = train_flops_per_token(n_matmul, m.num_layers, m.hidden_size, m.seq_length)
     hardware = per_token * (4.0 / 3.0) if m.checkpoint_activations else per_token

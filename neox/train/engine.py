@@ -11,23 +11,36 @@ import torch
 
 from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
-from neox.model import causal_lm_loss
 from neox.model.mup import widths_by_param
 from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing
+from neox.parallel.global_batch import GlobalBatchLoss, loss_context, take_micro_batches
+from neox.parallel.moe import AuxLossScale
 from neox.parallel.parallelize import install_grad_norm_clipper
+from neox.train.objectives import LanguageModelObjective, Objective
 
 
 class TrainEngine:
-    """A DeepSpeed engine over our model and optimizer, plus what the loop needs to know about it."""
+    """A DeepSpeed engine over our model and optimizer, plus what the loop needs to know about it.
 
-    def __init__(self, cfg: NeoXConfig, model: torch.nn.Module, device: torch.device):
+    Every rank is a data-parallel rank. The loss is `objective`'s (neox/train/objectives; default: next-token cross
+    entropy), the mean over the global batch's units (neox/parallel/global_batch.py); the objective's metrics of the
+    last step are in `last_metrics`."""
+
+    def __init__(self, cfg: NeoXConfig, model: torch.nn.Module, device: torch.device,
+                 objective: Objective | None = None):
         import deepspeed
 
         optimizer = configured_optimizer(model, cfg.optim, device.type, widths_by_param(model))
         self.device = device
-        self.half_precision_loss = cfg.model.fp16_lm_cross_entropy
+        self.model = model
+        self.objective = objective if objective is not None else LanguageModelObjective()
+        self.loss_context = loss_context(None, cfg.model.padded_vocab_size,
+                                         half_precision=cfg.model.fp16_lm_cross_entropy)
+        self.loss = GlobalBatchLoss(self.objective, self.loss_context)  # dp group: every rank
+        self.last_metrics: dict[str, float] = {}
         install_activation_checkpointing(model, cfg.model, None)  # gpt-neox's DeepSpeed checkpointing keys
+        self.aux_losses = AuxLossScale(model)  # MoE blocks' aux losses: the loss's backward scale, every step
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg), dist_init_required=False)
         stage = cfg.optim.zero_stage
@@ -43,23 +56,42 @@ class TrainEngine:
         if stage == 0 and cfg.optim.precision == "fp32":
             self.clipper = install_grad_norm_clipper(self.engine, None, cfg.optim.gradient_clipping)
 
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens, position_ids = self.objective.model_inputs(batch)
+        logits = self.engine(tokens.to(self.device), position_ids=position_ids.to(self.device))
+        return self.loss(logits, tuple(t.to(self.device) for t in self.objective.targets(batch)))
+
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = self.device
-        logits = self.engine(batch["tokens"].to(device), position_ids=batch["position_ids"].to(device))
-        return causal_lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device),
-                              self.half_precision_loss)
+        """One micro-batch's loss on its own (the mean over its units); no collective."""
+        self.loss.begin_local([batch], self.device)
+        return self._forward_loss(batch)
 
     def step(self, micro_batches: Iterator[dict[str, torch.Tensor]], grad_accum: int,
              lr: float) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step over grad_accum micro-batches: (this rank's mean loss, global gradient norm)."""
+        """One optimizer step over grad_accum micro-batches: (this rank's share of the global mean loss: the mean
+        over ranks is the global batch's loss, global gradient norm). Collective."""
         set_lr(self.engine.optimizer, lr)
+        batches = self.objective.prepare(take_micro_batches(micro_batches, grad_accum), self)
+        self.loss.begin_step(batches, self.device)
+        self.aux_losses.before_step(self.engine)
         losses = []
-        for _ in range(grad_accum):
-            loss = self.micro_loss(next(micro_batches))
+        for batch in batches:
+            loss = self._forward_loss(batch)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
+        self.last_metrics = self.loss.reduce_metrics(self.device)
         norm = self.engine.get_global_grad_norm()
         if norm is None and self.clipper is not None:
             norm = self.clipper.last_norm
         return torch.stack(losses).mean().float(), (None if norm is None else float(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Iterator[dict[str, torch.Tensor]], iters: int, grad_accum: int) -> torch.Tensor:
+        """Mean over iters global batches of each one's loss (this rank's share, as step's). Collective."""
+        losses = []
+        for _ in range(iters):
+            batches = self.objective.prepare(take_micro_batches(micro_batches, grad_accum), self)
+            self.loss.begin_step(batches, self.device)
+            losses.append(torch.stack([self._forward_loss(batch) for batch in batches]).mean())
+        return torch.stack(losses).mean().float()

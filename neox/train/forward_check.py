@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.safe_load import weights_only_load
 from neox.data.loader import collate_samples
 
 FILE_NAME = "forward_check.pt"
@@ -56,7 +57,7 @@ def save_record(ckpt_dir: Path, text: torch.Tensor, loss: float, iteration: int)
 
 def read_record(ckpt_dir: Path) -> dict | None:
     path = ckpt_dir / FILE_NAME
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    return weights_only_load(path) if path.is_file() else None
 
 
 def input_for(record: dict, micro_batch: int, seq_length: int) -> torch.Tensor | None:

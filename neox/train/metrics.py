@@ -51,7 +51,7 @@ class JsonlSink:
 
 
 _CONSOLE_KEYS = (("iteration", "{}"), ("lm_loss", "{:.4f}"), ("valid_loss", "{:.4f}"), ("valid_ppl", "{:.2f}"),
-                 ("test_loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
+                 ("test_loss", "{:.4f}"), ("moe_aux_loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
                  ("tokens_per_sec", "{:.0f}"), ("tflops", "{:.4f}"), ("mfu", "{:.1%}"))
 
 

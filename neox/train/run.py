@@ -20,6 +20,7 @@ from neox.config.resolved import load_resolved
 from neox.entrypoint import RankProgram, run_rank_program
 from neox.config.curriculum import curriculum_enabled
 from neox.config.errors import ConfigError
+from neox.config.lora import lora_settings
 from neox.config.neox_config import NeoXConfig
 from neox.data.errors import DataError
 from neox.data.build import datasets_from_config, is_index_builder, split_num_samples
@@ -28,6 +29,8 @@ from neox.data.loader import MicroBatchSampler, build_loader, eval_consumed_samp
 from neox.data.token_range import check_run_token_ids
 from neox.model import GPTNeoX
 from neox.model.base_shapes import mup_setup
+from neox.model.moe import inactive_params
+from neox.model.value_head import is_reward_model, lm_weights_for_reward_model
 from neox.parallel.engine import ParallelTrainEngine
 from neox.parallel.materialize import meta_model
 from neox.parallel import rank_status
@@ -38,14 +41,20 @@ from neox.tokenizer import TokenizerError, build_tokenizer
 from neox.checkpoint.consolidated import is_consolidated, read_consolidated
 from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, open_gpt_neox_checkpoint
 from neox.checkpoint import engine_state, layout_state, s3_upload, vocab_padding
+from neox.checkpoint import load_folder
+from neox.checkpoint.async_save import CheckpointSaver
 from neox.checkpoint.errors import CheckpointError
+from neox.checkpoint.lora_base import write_base_record
 from neox.train import epochs, forward_check
 from neox.train.curriculum import SeqlenWarmup
 from neox.train.flops import matmul_params, measure_peak_flops, mfu_peak, train_flops_per_token
+from neox.train.moe_metrics import MoEMetrics
 from neox.train.metrics import MetricsSinks, flat_run_config, shared_wandb_group, sinks_for_run
 from neox.train.diagnostics import build_diagnostics
 from neox.train.profiling import build_step_profiler
 from neox.train.engine import TrainEngine
+from neox.train.objectives import build_objective, window_means
+from neox.train.lora_model import build_lora_model, lora_base_dir
 from neox.train import faults, mup_modes, rank_log
 from neox.train.rank_log import RankLog
 from neox.optim import OptimizerError
@@ -59,7 +68,9 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv
                      "norm", "gpt_j_residual", "activation", "intermediate_size", "expansion_factor",
                      "mlp_multiple_of", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp",
                      "no_weight_tying", "padded_vocab_size", "max_position_embeddings", "use_qk_layernorm",
-                     "num_unique_layers", "param_sharing_style", "gpt_j_tied", "rpe_num_buckets")
+                     "num_unique_layers", "param_sharing_style", "gpt_j_tied", "rpe_num_buckets",
+                     "moe_num_experts", "moe_expert_interval", "moe_layers", "moe_intermediate_size",
+                     "moe_num_shared_experts", "moe_shared_expert_gate", "moe_shared_expert_intermediate_size")
 
 
 class TrainError(RuntimeError):
@@ -139,21 +150,34 @@ class Trainer:
         from_consolidated = bool(train.load and train.finetune and is_consolidated(train.load))
         from_consolidated = from_consolidated or self.gpt_neox is not None
         rank_status.enter("building the model and the DeepSpeed engine")
-        if cfg.parallel.is_model_parallel and not from_consolidated:
+        self.lora = lora_settings(train.lora)
+        self.lora_base: Path | None = None  # a LoRA run's frozen base, named in each of its checkpoints
+        if self.lora is not None:
+            model = self._lora_model()
+        elif cfg.parallel.is_model_parallel and not from_consolidated:
             # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
-            model = meta_model(cfg.model, mup_setup(cfg.mup))
+            model = meta_model(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))
         else:
-            model = GPTNeoX(cfg.model, mup_setup(cfg.mup))
-        if from_consolidated:
+            model = GPTNeoX(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))
+        if from_consolidated and self.lora is None:
             self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())
+        # The loss of train_impl (neox/train/objectives): a mean over the global batch's unmasked tokens/pairs/samples.
+        self.objective = build_objective(cfg)
+        self._window_metrics: list[dict[str, float]] = []  # the objective's metrics of the steps since the last log
         if cfg.parallel.is_model_parallel:
-            self.train_engine = ParallelTrainEngine(cfg, model, runtime.device, self.topo)
+            self.train_engine = ParallelTrainEngine(cfg, model, runtime.device, self.topo, self.objective)
         else:
-            self.train_engine = TrainEngine(cfg, model, runtime.device)
+            self.train_engine = TrainEngine(cfg, model, runtime.device, self.objective)
         self.engine = self.train_engine.engine
+        # MoE layers: their router losses and expert loads for each metrics line (None without MoE layers).
+        self.moe_metrics = MoEMetrics.for_model(model, cfg.model, self.topo.tp_rank, runtime.device)
         # s3_path: rank 0 uploads each finished checkpoint in the background; close() waits for the uploads.
         self.s3 = s3_upload.uploader_for(train.s3_path, train.save, train.s3_chunk_size, runtime.rank)
+        # checkpoint_async: saves are written in the background and completed at a later step (neox/checkpoint/
+        # async_save.py); the run waits for the one in flight before the next save and before it ends.
+        self.saver = CheckpointSaver(train.checkpoint_async, runtime.rank, barrier, runtime.device,
+                                     self._checkpoint_complete, faults.checkpoint_write_delay())
         # gpt-neox's sequence-length warm-up (curriculum_learning): a step's batches are cut to the scheduled length.
         self.curriculum = (SeqlenWarmup(cfg.data.curriculum_learning, self.seq_length)
                            if curriculum_enabled(cfg.data.curriculum_learning) else None)
@@ -185,7 +209,9 @@ class Trainer:
         self.diagnostics = build_diagnostics(cfg.log, self.engine, self.topo,
                                              layout_state.param_names_of(self.train_engine), self.global_batch)
         self.flops_per_token = train_flops_per_token(
-            matmul_params(self.num_params, cfg.model.padded_vocab_size, cfg.model.hidden_size,
+            # MoE: the parameters a token uses (k of E experts), as Megatron counts MoE FLOPs.
+            matmul_params(self.num_params - inactive_params(cfg.model), cfg.model.padded_vocab_size,
+                          cfg.model.hidden_size,
                           tied_head=not cfg.model.no_weight_tying,
                           learned_pos_rows=cfg.model.max_positions if cfg.model.pos_emb == "learned" else 0),
             cfg.model.num_layers, cfg.model.hidden_size, self.seq_length)
@@ -226,7 +252,8 @@ class Trainer:
 
         def build():
             return datasets_from_config(cfg.data, seq_length=self.seq_length, seed=train.seed,
-                                        num_samples=num_samples)
+                                        num_samples=num_samples,
+                                        precompute_model_name=cfg.post_training.precompute_model_name)
 
         # The builders (global rank 0, or with use_shared_fs false local rank 0 of every node, as in gpt-neox) build
         # the index caches first; the others then load them (the cache also locks, this only keeps N ranks from
@@ -259,6 +286,7 @@ class Trainer:
         return float(all_reduce_mean(torch.tensor(local, dtype=torch.float64)))
 
     def _checkpoint_to_load(self, load_dir: Path) -> str | None:
+        load_folder.require_folder(load_dir)
         self.gpt_neox = open_gpt_neox_checkpoint(load_dir, self.cfg.train.iteration)
         if self.gpt_neox is not None:
             # Its weights go into the model before the engine is built, as a consolidated model's do.
@@ -279,11 +307,29 @@ class Trainer:
         if tag is None:
             if self.cfg.train.finetune:
                 raise TrainError(f"finetune is set but {load_dir} holds no complete checkpoint")
-            return None  # a fresh run whose save == load directory: nothing to resume yet
+            note = load_folder.start_from_scratch(load_dir, self.cfg.train.save)  # or not a checkpoint folder
+            if self.rt.rank == 0:
+                print(note, flush=True)
+            return None
         saved_cfg = load_resolved(load_dir / tag / "config.yml")
         self.repad = vocab_padding.check_checkpoint_model(saved_cfg.model, self.cfg.model, self.tokenizer.vocab_size,
                                                           ARCHITECTURE_KEYS, load_dir / tag)
         return tag
+
+    def _lora_model(self) -> GPTNeoX:
+        """The base loaded whole plus fresh adapters; a resumed run's adapters are loaded later, as any checkpoint."""
+        gpt_neox_dir = None if self.gpt_neox is None else Path(self.gpt_neox.path)
+        self.lora_base = lora_base_dir(self.cfg, self.lora, self.load_tag, gpt_neox_dir)
+        if self.cfg.train.finetune:
+            self.load_tag = None  # `load` is the base: nothing of it to load into the engine
+        model, repad_note = build_lora_model(self.cfg, self.lora, self.lora_base, self.tokenizer.vocab_size,
+                                             ARCHITECTURE_KEYS)
+        if self.rt.rank == 0:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA: {trained:,} adapter parameters ({', '.join(self.lora.target_modules)}, r {self.lora.r}) "
+                  f"train on the frozen base {self.lora_base} ({sum(p.numel() for p in model.parameters()):,} "
+                  "parameters in all)" + (f"; {repad_note}" if repad_note else ""), flush=True)
+        return model
 
     def _load_consolidated(self, model: GPTNeoX, load_dir: Path) -> None:
         if self.gpt_neox is not None:
@@ -292,7 +338,7 @@ class Trainer:
         if self.repad is not None:
             weights = vocab_padding.repad_state(weights, self.repad.padded)
             self._note_repad()
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(lm_weights_for_reward_model(weights, model), strict=True)
         if self.rt.rank == 0:
             print(f"loaded consolidated model {load_dir}: weights only (finetune)", flush=True)
 
@@ -301,7 +347,7 @@ class Trainer:
         if self.repad is not None:
             weights = vocab_padding.repad_state(weights, self.repad.padded)
             self._note_repad()
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(lm_weights_for_reward_model(weights, model), strict=True)
         if self.rt.rank == 0:
             mode = ("weights only (finetune)" if self.cfg.train.finetune else
                     f"resuming at iteration {self.gpt_neox.iteration} with a fresh optimizer and LR schedule "
@@ -365,11 +411,14 @@ class Trainer:
     def _restore_rng(self, ckpt_dir: Path, same_layout: bool, from_engine_files: bool) -> None:
         """Every rank's RNG streams as saved; else (no_load_rng, no_save_rng, another layout, whose ranks are
         others) dropout restarts from a seed of dp rank and step."""
-        saved = engine_state.rng_file(ckpt_dir, self.rt.rank)
-        if not self.cfg.train.no_load_rng and same_layout and saved.is_file():
-            if not from_engine_files:  # engine_state.load restored them already
-                engine_state.set_rng_state(torch.load(saved, weights_only=True))
-            return
+        if same_layout and engine_state.has_rng_state(ckpt_dir):
+            if not self.cfg.train.no_load_rng:
+                if not from_engine_files:  # engine_state.load restored them already
+                    engine_state.set_rng_state(engine_state.read_rng_state(ckpt_dir, self.rt.rank))
+                return
+            warning = engine_state.missing_rng_warning(ckpt_dir, self.rt.rank)
+            if warning:
+                print(warning, flush=True)
         torch.manual_seed(dropout_seed(self.cfg.train.seed, self.topo) + 7919 * self.progress.iteration)
 
     def _resume_schedule(self, saved: dict | None, iteration: int) -> None:
@@ -391,16 +440,18 @@ class Trainer:
         """Resume (or finetune) from the layout-free copy: a checkpoint written at another tp/pp/dp/ZeRO layout,
         or one saved with no_save_optim (its only copy of the weights)."""
         finetune = self.cfg.train.finetune
-        full = layout_state.read_layout_free_state(ckpt_dir)
-        if self.repad is not None:
-            vocab_padding.repad_full_state(full, self.repad.padded)
+        resizable = frozenset()
+        if self.repad is not None:  # the vocabulary rows past the checkpoint's start at zero
+            resizable = frozenset(vocab_padding.VOCAB_ROWS)
             self._note_repad()
-        layout_state.load_layout_free_state(self.engine, layout_state.param_names_of(self.train_engine), self.topo,
-                                            full, weights_only=weights_only or finetune)
+        # Each rank reads only the byte ranges its own engine holds (neox/checkpoint/layout_state.py).
+        loaded = layout_state.load_layout_free_state(self.engine, layout_state.param_names_of(self.train_engine),
+                                                     self.topo, ckpt_dir, weights_only=weights_only or finetune,
+                                                     resizable_rows=resizable)
         if self.rt.rank == 0 and saved_layout != layout_state.layout_of(self.cfg):
             print(f"{ckpt_dir} was written at {saved_layout}; loaded its layout-free state at "
-                  f"{layout_state.layout_of(self.cfg)}", flush=True)
-        return {} if finetune else full.client_state
+                  f"{layout_state.layout_of(self.cfg)} (rank 0 read {loaded.stats.bytes_read} bytes)", flush=True)
+        return {} if finetune else loaded.client_state
 
     def _check_forward_pass(self, ckpt_dir: Path) -> None:
         record = forward_check.read_record(ckpt_dir)
@@ -428,15 +479,13 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------
 
-    def _micro_loss(self, batch) -> torch.Tensor:
-        return self.train_engine.micro_loss(batch)
-
     def train_step(self, data_iter) -> tuple[float, float | None]:
         if self.curriculum is not None:
             data_iter = self.curriculum.step_batches(data_iter, self.progress.iteration, self.engine)
         rank_loss, grad_norm = self.train_engine.step(data_iter, self.grad_accum,
                                                       self.schedule.lr_at(self.progress.iteration - self.schedule_start))
         mean_loss = all_reduce_mean(rank_loss)
+        self._window_metrics.append(self.train_engine.last_metrics)
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.global_batch
         return float(mean_loss), (None if grad_norm is None else float(grad_norm))
@@ -448,12 +497,9 @@ class Trainer:
         if self.curriculum is not None:
             self.curriculum.full_length(self.engine)  # gpt-neox evaluates full-length batches
         data_iter = self._loader(dataset, consumed)
-        if isinstance(self.train_engine, ParallelTrainEngine):
-            losses = [self.train_engine.eval_loss(data_iter, iters, self.grad_accum)]
-        else:
-            losses = [self._micro_loss(next(data_iter)) for _ in range(iters * self.grad_accum)]
+        loss = self.train_engine.eval_loss(data_iter, iters, self.grad_accum)  # each global batch's token mean
         self.engine.train()
-        return float(all_reduce_mean(torch.stack(losses).mean().float()))
+        return float(all_reduce_mean(loss.float()))
 
     def validate(self) -> dict:
         train = self.cfg.train
@@ -489,23 +535,33 @@ class Trainer:
             text = forward_check.reference_text(self.micro_batch, self.seq_length, self.tokenizer.vocab_size)
             forward = (text, forward_check.forward_loss(self.train_engine, text, self.grad_accum))
 
-        def write_extra(ckpt_dir: Path) -> None:
+        def write_extra(ckpt_dir: Path, submit) -> None:
             # Without it (checkpoint_layout_free: false) tools/reshard_checkpoint.py rebuilds it offline when
-            # needed; with no_save_optim it is the checkpoint's only copy of the weights.
+            # needed; with no_save_optim it is the checkpoint's only copy of the weights. Each rank writes its own
+            # shard (submit: to the background writer of checkpoint_async).
             if train.checkpoint_layout_free or train.no_save_optim:
                 layout_state.save_layout_free_state(ckpt_dir, self.engine,
                                                     layout_state.param_names_of(self.train_engine), self.topo,
-                                                    client_state, with_moments=not train.no_save_optim)
+                                                    client_state, with_moments=not train.no_save_optim,
+                                                    submit=submit)
             if forward is not None and self.rt.rank == 0:
                 forward_check.save_record(ckpt_dir, *forward, self.progress.iteration)
+            if self.lora_base is not None and self.rt.rank == 0:
+                write_base_record(ckpt_dir, self.lora_base)  # the checkpoint holds the adapters only
 
-        path = engine_state.save(self.engine, Path(train.save), self.progress.iteration, client_state,
-                                 run_files, self.rt.rank, barrier, keep_last=train.keep_last_n_checkpoints,
-                                 write_extra=write_extra, engine_state=not train.no_save_optim,
-                                 save_rng=not train.no_save_rng, config_files=train.config_files)
+        stall = self.saver.save(self.engine, Path(train.save), self.progress.iteration, client_state, run_files,
+                                train.keep_last_n_checkpoints, write_extra, engine_state=not train.no_save_optim,
+                                save_rng=not train.no_save_rng, config_files=train.config_files)
         self._last_saved = self.progress.iteration
+        if self.rt.rank == 0 and train.checkpoint_async:
+            print(f"checkpoint {engine_state.tag_for(self.progress.iteration)}: training resumes after {stall:.3f} s; "
+                  "its files are written in the background", flush=True)
+
+    def _checkpoint_complete(self, path: Path, seconds: float) -> None:
         if self.rt.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
+            if self.cfg.train.checkpoint_async:
+                print(f"checkpoint {path.name} durable {seconds:.3f} s after its save began", flush=True)
         if self.s3 is not None:
             self.s3.submit(path)
 
@@ -531,12 +587,14 @@ class Trainer:
         else:
             outcome = self._train_loop(stop)
             if outcome != "done":
+                self.saver.wait()
                 return outcome == "preempted"
         it = self.progress.iteration
         if self.do_valid and self._valid_at != it:  # the loop may just have validated at this iteration
             self._log(self.validate())
         if train.save and self._last_saved != it:
             self.save()
+        self.saver.wait()
         if self.do_test:
             loss = self.evaluate(self.test_ds, 0, train.eval_iters)
             record = {"iteration": it, "test_loss": loss, "test_ppl": _ppl(loss)}
@@ -565,6 +623,7 @@ class Trainer:
                     self._log(record)
             window_seconds += time.perf_counter() - step_start
             window_losses.append(loss)
+            self.saver.poll()  # completes a background checkpoint once every rank has written it
             it = self.progress.iteration
             if it % log.log_interval == 0 or it == train.train_iters:
                 self._log(self._train_record(window_losses, grad_norm, window_seconds / len(window_losses),
@@ -593,6 +652,7 @@ class Trainer:
         it = self.progress.iteration
         if self.cfg.train.save and last_saved != it:
             self.save()
+        self.saver.wait()  # a background write (checkpoint_async) finishes before the run stops
         if self.rt.rank == 0:
             where = f"checkpoint {engine_state.tag_for(it)} is written" if self.cfg.train.save else \
                 "no checkpoint: 'save' is not set, a relaunch starts over"
@@ -609,6 +669,9 @@ class Trainer:
         record = {
             "iteration": self.progress.iteration,
             "lm_loss": sum(losses) / len(losses),
+            **window_means(self._window_metrics),  # the objective's metrics (rewards_chosen, ...), if any
+            # preference objectives: their loss also under TRL's name, for a side-by-side reading
+            **({"loss": sum(losses) / len(losses)} if self.objective.name != "normal" else {}),
             "lr": self.schedule.lr_at(self.progress.iteration - 1 - self.schedule_start),
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
@@ -621,8 +684,11 @@ class Trainer:
             "consumed_samples": self.progress.consumed_train_samples,
             "elapsed_s": elapsed,
         }
+        self._window_metrics = []
         if self.curriculum is not None:
             record["curriculum_seqlen"] = self.curriculum.length  # gpt-neox logs it under this name
+        if self.moe_metrics is not None:
+            record.update(self.moe_metrics.collect())  # collective: every rank builds this record
         return record
 
     def _log(self, record: dict) -> None:

@@ -49,6 +49,7 @@ def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[
     """Train STEPS steps in each layout with every diagnostic on; rank 0 returns the diagnostics records."""
     from neox.checkpoint import layout_state
     from neox.parallel.engine import ParallelTrainEngine
+    from neox.train.objectives import LanguageModelObjective
     from neox.parallel.materialize import meta_model
     from neox.parallel.runtime import all_reduce_mean
     from neox.parallel.topology import build_topology
@@ -66,7 +67,8 @@ def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[
         topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
         torch.manual_seed(0)
         if cfg.parallel.is_model_parallel:
-            train_engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo)
+            train_engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo,
+                                               LanguageModelObjective())
         else:
             train_engine = TrainEngine(cfg, GPTNeoX(cfg.model), torch.device("cpu"))
         train_engine.engine.train()

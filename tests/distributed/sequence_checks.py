@@ -49,14 +49,21 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def everything(work: str, variants: dict[str, dict], dropout_cfg: dict, layouts: dict[str, dict]) -> dict:
-    """All checks of the launch; rank 0's results (the others return theirs too, for the parent to see agreement)."""
+def everything(work: str, variants: dict[str, dict], dropout_cfg: dict, layouts: dict[str, dict],
+               lora: dict | None = None) -> dict:
+    """All checks of the launch; rank 0's results (the others return theirs too, for the parent to see agreement).
+    lora: the LoRA checks of tests/distributed/lora_checks.py, which share this launch ({"variants", "first",
+    "resumed"})."""
     from neox.parallel.topology import build_topology
+    from tests.distributed import lora_checks
 
     topo = build_topology(2, 0)
     out = {"collectives": collectives(topo.tp_group), "models": {n: model_parity(topo, c) for n, c in variants.items()},
            "dropout": dropout(topo, dropout_cfg), "saved": saved_activations(topo), "indivisible": indivisible(topo)}
     out["training"] = train_layouts(work, layouts)
+    if lora is not None:
+        out["lora"] = {"layers": {n: lora_checks.layers(topo, c) for n, c in lora["variants"].items()},
+                       "training": lora_checks.training(work, lora["first"], lora["resumed"])}
     return out
 
 
@@ -247,6 +254,7 @@ def train_layouts(work: str, layouts: dict[str, dict]) -> dict[str, dict]:
     """(loss, grad_norm) of each step of each layout, through ParallelTrainEngine as training builds it, and the
     trained model's state dict (what a checkpoint holds) where it is one module (no pipeline)."""
     from neox.parallel.engine import ParallelTrainEngine
+    from neox.train.objectives import LanguageModelObjective
     from neox.parallel.materialize import meta_model
     from neox.parallel.runtime import all_reduce_mean
     from neox.parallel.topology import build_topology
@@ -261,7 +269,8 @@ def train_layouts(work: str, layouts: dict[str, dict]) -> dict[str, dict]:
         cfg = load_config([path], vocab_size=VOCAB)
         topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
         torch.manual_seed(0)
-        engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo)
+        engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo,
+                                     LanguageModelObjective())
         engine.engine.train()
         micro, accum = cfg.train.train_micro_batch_size_per_gpu, cfg.train.gradient_accumulation_steps
         records = []

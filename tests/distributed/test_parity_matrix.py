@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from neox.checkpoint.consolidated import consolidate
-from neox.checkpoint.layout_state import consolidated_weights
+from neox.checkpoint.layout_state import consolidated_weights, read_layout_free_state
 from neox.parallel.sharding import shard_tensor
 from tests.conftest import REPO_ROOT
 from tests.e2e.train_helpers import Launch, deepy_train, max_relative_diff, preprocess_kjv, write_config
@@ -94,7 +94,9 @@ def test_layout_change_tp2_pp2_to_tp1_and_back(work, model_config, reference, tp
     ref_losses = reference.losses()
     # tp2 x pp2 for 10 steps, then resume on one rank without a pipeline.
     first = tp2pp2_step10
-    assert (first.save_dir / "global_step10" / "layout_free" / "pp01-tp01.pt").is_file()
+    # Every rank wrote its own shard of the layout-free state.
+    assert sorted(p.name for p in (first.save_dir / "global_step10" / "layout_free").glob("rank*.safetensors")) == [
+        f"rank{r:05d}.safetensors" for r in range(4)]
     _check_merge_against_pipeline_files(first.save_dir / "global_step10", num_layers=2, tp=2)
     resumed = deepy_train(work / "change-tp1", model_config, num_gpus=1, zero_stage=0,
                           extra={"load": str(first.save_dir)})
@@ -247,20 +249,16 @@ def test_checkpoint_without_layout_free_copy_is_resharded_offline(work, model_co
     print(f"tp2-zero1 without copy, resharded offline -> tp1: worst {worst:.2e}")
     assert worst < TOLERANCE
 
-    original = tp2pp2_step10.save_dir / "global_step10" / "layout_free"
     rebuilt_dir = work / "tp2pp2-rebuilt"
     result = _reshard("--checkpoint", str(tp2pp2_step10.save_dir), "--output", str(rebuilt_dir))
     assert result.returncode == 0, result.stderr
-    files = sorted(p.name for p in original.glob("*.pt"))
-    assert files == sorted(p.name for p in (rebuilt_dir / "global_step10" / "layout_free").glob("*.pt"))
-    for name in files:
-        want = torch.load(original / name, weights_only=True)
-        got = torch.load(rebuilt_dir / "global_step10" / "layout_free" / name, weights_only=True)
-        assert got["step"] == want["step"] and got["client_state"] == want["client_state"], name
-        assert sorted(got["weights"]) == sorted(want["weights"]), name
-        for key, tensor in want["weights"].items():
-            assert torch.equal(got["weights"][key], tensor), (name, key)
-            for moment in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(got["moments"][moment][key], want["moments"][moment][key]), (name, key, moment)
+    want = read_layout_free_state(tp2pp2_step10.save_dir / "global_step10")
+    got = read_layout_free_state(rebuilt_dir / "global_step10")
+    assert got.step == want.step and got.client_state == want.client_state
+    assert sorted(got.weights) == sorted(want.weights) and sorted(got.moments) == ["exp_avg", "exp_avg_sq"]
+    for key, tensor in want.weights.items():
+        assert torch.equal(got.weights[key], tensor), key
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got.moments[moment][key], want.moments[moment][key]), (key, moment)
     again = _reshard("--checkpoint", str(rebuilt_dir))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

@@ -49,10 +49,17 @@ LAYOUTS = {
 }
 
 
+# LoRA shares this launch (tests/distributed/lora_checks.py): adapters on a GQA / SwiGLU model at tp2 and tp2 + sequence
+# parallelism; training at tp2 x dp2 ZeRO-2, resumed after step 2 at tp2 x dp2 + sequence parallelism ZeRO-3.
+LORA = {"variants": {"gqa-swiglu-rmsnorm": {"num_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm"}},
+        "first": ("tp2xdp2-zero2", {**TP2, "zero_optimization": {"stage": 2}}),
+        "resumed": ("tp2xdp2-sp-zero3", {**TP2, "sequence_parallel": True, "zero_optimization": {"stage": 3}})}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("sp")
-    return run_distributed(checks.everything, 4, str(work), VARIANTS, DROPOUT, LAYOUTS, timeout_s=300)[0]
+    return run_distributed(checks.everything, 4, str(work), VARIANTS, DROPOUT, LAYOUTS, LORA, timeout_s=300)[0]
 
 
 def test_collectives_equal_the_all_reduce_math(results):
@@ -120,3 +127,31 @@ def test_checkpoint_holds_what_plain_tp2_holds(results):
     plain, sp = results["training"]["tp2xdp2"]["state"], results["training"]["tp2xdp2-sp"]["state"]
     assert {k: v.shape for k, v in sp.items()} == {k: v.shape for k, v in plain.items()}
     assert max((sp[k] - plain[k]).abs().max().item() for k in plain) < 1e-5
+
+
+def test_lora_adapters_split_with_their_base_layers_equal_one_device(results):
+    for name, r in results["lora"]["layers"].items():
+        assert r["tp_trainable"] == r["sp_trainable"] == r["ref_trainable"] and r["adapters"] == 2 * 5 * 2, name
+        assert r["tp_frozen_grads"] == r["sp_frozen_grads"] == 0  # the base stays frozen once split
+        assert r["tp_loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+        assert r["sp_loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+        assert r["tp_grad_err"] < 1e-6 and r["sp_grad_err"] < 1e-6, r
+
+
+def test_lora_training_at_tp2_zero2_and_resumed_at_another_layout_equals_one_process(results, tmp_path):
+    from tests.distributed import lora_checks
+
+    trained, (first, _), (resumed, _) = results["lora"]["training"], LORA["first"], LORA["resumed"]
+    reference = lora_checks.reference_training(str(tmp_path))
+    # the layout-free state holds the adapters alone: the base comes from the checkpoint the run names
+    assert trained["saved"] == sorted(reference["adapters"])
+    assert reference["optimized"] == sum(t.numel() for t in reference["adapters"].values()) < reference["all_params"] / 5
+    for layout, steps in ((first, reference["records"]), (resumed, reference["records"][2:])):
+        records = trained[layout]["records"]
+        worst = max(max(_relative(a[0], b[0]), _relative(a[1], b[1])) for a, b in zip(records, steps))
+        adapter_err = max((trained[layout]["adapters"][k] - v).abs().max().item()
+                          for k, v in reference["adapters"].items())
+        print(f"LoRA {layout}: worst relative loss / grad_norm difference vs one process {worst:.1e}, max |adapter "
+              f"difference| {adapter_err:.1e}")
+        assert len(records) == len(steps) and worst < TOLERANCE and adapter_err < 1e-5
+    assert reference["records"][2][0] < reference["records"][0][0]

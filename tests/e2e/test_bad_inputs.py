@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,10 +23,11 @@ import yaml
 from launcher import preflight
 from neox.checkpoint.consolidated import save_consolidated
 from neox.checkpoint.engine_state import COMPLETE_MARKER, LATEST_FILE
-from neox.config import load_config, save_resolved
+from neox.config import ConfigError, load_config, save_resolved
 from neox.model import GPTNeoX
 from tests.conftest import GPT2_MERGES, GPT2_VOCAB, REPO_ROOT
 from tests.e2e.train_helpers import free_port
+from tests.malicious_pickle import plant
 
 DEEPY = REPO_ROOT / "launcher" / "deepy.py"
 CPU_CONFIG = REPO_ROOT / "configs" / "cpu.yml"
@@ -288,6 +290,50 @@ def test_truncated_checkpoint_file(config, checkpoint, tmp_path):
     assert_one_paragraph(deepy(*train_argv(config, "--load", str(damaged))), str(states), "damaged",
                          "truncated or corrupt", f"an older checkpoint ({older.name})", str(damaged / LATEST_FILE))
     assert preflight.unreadable_torch_files(checkpoint / "global_step2") == []  # the intact copy passes
+
+
+def test_checkpoint_holding_a_pickle_that_runs_code_is_refused_before_launch(config, checkpoint, tmp_path):
+    crafted = tmp_path / "crafted"
+    shutil.copytree(checkpoint, crafted)
+    states = plant(crafted / "global_step2" / "mp_rank_00_model_states.pt", tmp_path / "pwned")
+    assert_one_paragraph(deepy(*train_argv(config, "--load", str(crafted))), "'load'", f"refusing to load {states}",
+                         "posix.system", "could run code")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_load_naming_a_file_is_refused_before_launch_and_by_the_rank(config, checkpoint, tmp_path):
+    """deepy refuses it; a rank program started by other means (srun, mpirun, by hand) refuses it too, instead of
+    training from scratch and exiting 0."""
+    file = checkpoint / "global_step2" / "mp_rank_00_model_states.pt"
+    cfg = resolved(_with(config, tmp_path / "file.yml", load=str(file), save=str(tmp_path / "ckpt")),
+                   "--num_gpus", "1")
+    with pytest.raises(ConfigError, match=re.escape(f"'load': {file} is a file, not a checkpoint folder")):
+        preflight.check_resume_checkpoint(cfg)
+    path = save_resolved(cfg, tmp_path / "resolved.yml")
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-m", "neox.train", "--config", str(path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert_one_paragraph(result, "'load'", str(file), "is a file, not a checkpoint folder",
+                         prefix="neox.train: error (rank 0): ")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_load_folder_that_is_no_checkpoint_is_refused_but_a_first_run_starts(config, char_data, tmp_path):
+    def check(load: Path, save: Path) -> None:
+        preflight.check_resume_checkpoint(resolved(_with(config, tmp_path / "run.yml", load=str(load),
+                                                         save=str(save))))
+
+    data_dir = char_data.parent
+    with pytest.raises(ConfigError, match=re.escape(f"'load': {data_dir} is not a checkpoint folder: it holds no "
+                                                    "global_stepN/complete.json") + ".*char_text_document.bin"):
+        check(data_dir, tmp_path / "ckpt")
+    check(tmp_path / "ckpt", tmp_path / "ckpt")  # gpt-neox's first run: save == load, not created yet
+    (tmp_path / "ckpt").mkdir()
+    check(tmp_path / "ckpt", tmp_path / "elsewhere")  # empty
+    (tmp_path / "ckpt" / "resolved_config.yml").write_text("# a fresh run's, written by deepy before its ranks\n")
+    check(tmp_path / "ckpt", tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match=r"is not a checkpoint folder.*resolved_config.yml"):
+        check(tmp_path / "ckpt", tmp_path / "elsewhere")  # resuming another run that never saved
 
 
 def test_eval_of_a_missing_checkpoint(config, tmp_path):

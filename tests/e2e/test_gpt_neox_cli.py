@@ -100,6 +100,8 @@ def test_train_py_runs_gpt_neox_pythia_14m_config_on_two_cpu_ranks(tmp_path):
                   "--master_port", str(free_port())])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
+    # save == load on a first run (deepy has created the folder for resolved_config.yml): one line, from rank 0
+    assert output.count(f"load: {tmp_path / 'ckpt'} holds no checkpoint yet: starting from scratch") == 1
     # attention_config flash: SDPA's math kernel on the CPU, said once by rank 0
     assert output.count("no flash-attention kernel on the CPU; those layers run SDPA's math kernel") == 1
     # extra_save_iters [0, 1, 2, 4, ...] within 4 iterations (checkpoint_factor 1000 adds none)

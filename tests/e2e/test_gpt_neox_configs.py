@@ -1,9 +1,9 @@
 """gpt-neox's own config files (tests/data/gpt_neox/configs, Apache-2.0) work here as a gpt-neox user runs them.
 
-Every dense-transformer file passes `deepy show-config` and `deepy plan` given only data, tokenizer and save paths
-(and, on this GPU-less machine, the job's size as global_num_gpus); the plan gives each Pythia model its published
-parameter count; files of features neox does not have stop with one paragraph naming the feature; and the small
-Pythia config trains on 2 CPU ranks with gpt-neox's command line.
+Every dense-transformer file and the MoE one (125M-dmoe.yml) passes `deepy show-config` and `deepy plan` given
+only data, tokenizer and save paths (and, on this GPU-less machine, the job's size as global_num_gpus); the plan
+gives each Pythia model its published parameter count; files of features neox does not have stop with one
+paragraph naming the feature; and the small Pythia config trains on 2 CPU ranks with gpt-neox's command line.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ MODEL_FILES = sorted(
     if p.parent.name in ("pythia", "llama", "llama2", "llemma", "mistral", "finetuning_configs")
     or p.name in ("19M.yml", "49M.yml", "125M.yml", "125M-json.yml", "350M.yml", "760M.yml", "800M.yml",
                   "1-3B.yml", "2-7B.yml", "6-7B.yml", "13B.yml", "20B.yml", "175B.yml", "bf16_125M.yml",
-                  "bnb_125M.yml", "slurm_125M.yml")
+                  "bnb_125M.yml", "slurm_125M.yml", "125M-dmoe.yml")
 )
 MODEL_FILES.remove("llama/train_config.yml")  # the training half of the llama/llama2/mistral/llemma model files
 SETUP_FILES = ["local_setup.yml", "local_setup_comet.yml", "local_setup_wandb.yml", "eleutherai_cluster.yml",
@@ -36,7 +36,6 @@ SETUP_FILES = ["local_setup.yml", "local_setup_comet.yml", "local_setup_wandb.ym
 # Files of features neox does not have, and the feature each must name.
 MISSING_FEATURE_FILES = {
     "1-3B-transformer-engine.yml": "Transformer Engine",
-    "125M-dmoe.yml": "mixture-of-experts",
     "gmlp_small.yml": "gMLP",
     "mamba/mamba-130M.yml": "Mamba",
     "rwkv/170M.yml": "RWKV",

@@ -49,7 +49,9 @@ CASES = [
 
 
 def make_hf_model(directory: Path, config_class: str, kwargs: dict, seed: int = 0, bin_weights: bool = False,
-                  shard: bool = False):
+                  shard: bool = False, weight_std: float | None = None):
+    """weight_std: redraw the matrices too (a router needs logits far enough apart that float noise never swaps
+    two experts, and wider logits make a logit comparison meaningful)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -59,6 +61,8 @@ def make_hf_model(directory: Path, config_class: str, kwargs: dict, seed: int = 
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.normal_(1.0 if "norm" in name or "ln_" in name else 0.0, 0.1)
+            elif weight_std is not None:
+                p.normal_(0.0, weight_std)
     model.save_pretrained(str(directory), **({"max_shard_size": "1MB"} if shard else {}))
     if bin_weights:  # transformers 5 writes only safetensors; an older checkpoint's pytorch_model.bin, by hand
         (directory / "model.safetensors").unlink()

@@ -40,7 +40,7 @@ def model_config(work) -> Path:
                         hidden_dropout=0.1)  # dropout: the RNG streams must resume too
 
 
-def start_deepy(run_dir: Path, model_config: Path, **extra) -> subprocess.Popen:
+def start_deepy(run_dir: Path, model_config: Path, env_extra: dict | None = None, **extra) -> subprocess.Popen:
     """`deepy train` in its own process group (as a job step is), on 2 ranks, saving to run_dir/ckpt."""
     overrides = {"num_gpus": 2, "zero_optimization.stage": 1, "master_port": free_port(),
                  "save": str(run_dir / "ckpt"), "log_dir": str(run_dir / "logs"), **extra}
@@ -48,6 +48,7 @@ def start_deepy(run_dir: Path, model_config: Path, **extra) -> subprocess.Popen:
     for key, value in overrides.items():
         argv += [f"--{key}", str(value)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(env_extra or {})
     run_dir.mkdir(parents=True, exist_ok=True)
     out = open(run_dir / "deepy.out", "w")
     return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -117,12 +118,18 @@ def test_sigterm_to_the_launcher_checkpoints_stops_and_resumes_exactly(work, mod
 
 
 def test_sigusr1_to_every_process_of_the_job_stops_all_ranks_at_one_step(work, model_config):
+    """With checkpoint_async, and the step-2 checkpoint still being written (each background write made 1 s slower)
+    when the signal comes: the run lets it finish and complete, then checkpoints its last step and exits."""
     run = work / "sigusr1"
-    proc = start_deepy(run, model_config)
-    wait_for_iteration(run / "logs", proc, 3)
+    proc = start_deepy(run, model_config, env_extra={"NEOX_FAULT_SLOW_CHECKPOINT_WRITE": "1"},
+                       checkpoint_async="true", save_interval=2)
+    wait_for_iteration(run / "logs", proc, 2)
+    signalled = time.time()
     os.killpg(proc.pid, signal.SIGUSR1)  # deepy, DeepSpeed's launch.py and both ranks, as Slurm does
     code, output = finish(proc, run)
     # launch.py would die of SIGUSR1 (the runner then returns 0 while the ranks still run): it must not have.
     assert code == REQUEUE, output[-4000:]
     assert output.count("received SIGUSR1: stopping after this step") == 2  # one per rank, workers quiet
-    check_preempted_checkpoint(run, output)
+    check_preempted_checkpoint(run, output)  # the last step's checkpoint is complete and `latest`
+    in_flight = json.loads((run / "ckpt" / "global_step2" / "complete.json").read_text())
+    assert in_flight["time"] > signalled  # it was still being written when the signal came, and completed

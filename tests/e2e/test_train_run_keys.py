@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from neox.checkpoint import consolidate
+from neox.checkpoint.layout_state import read_layout_free_state
 from neox.data.build import split_document_ranges
 from neox.data.indexed import IndexedDataset
 from tests.e2e.train_helpers import CPU_LAUNCH_CONFIG, TINY_MODEL, Launch, deepy_train, preprocess_kjv
@@ -131,14 +132,14 @@ def test_resume_at_an_iteration_with_a_fresh_optimizer(epochs, resumed):
         assert json.loads((ckpt / "complete.json").read_text())["engine_state"] is False
         assert not list(ckpt.glob("*model_states.pt")) and not list(ckpt.glob("*optim_states.pt"))
         assert not (ckpt / "rng").exists()
-        shard = torch.load(ckpt / "layout_free" / "pp00-tp00.pt", weights_only=True)
-        assert shard["client_state"]["iteration"] == step and shard["weights"]
-        assert not any(shard["moments"].values())
+        shard = read_layout_free_state(ckpt)
+        assert shard.client_state["iteration"] == step and shard.weights
+        assert not any(shard.moments.values())
     # eval, generate and the converters read such a checkpoint as any other
     _, weights = consolidate(resumed.save_dir / "global_step6")
     _, full = consolidate(epochs.save_dir / "global_step4")
     assert weights.keys() == full.keys()
-    assert all(torch.equal(weights[k], shard["weights"][k]) for k in shard["weights"])
+    assert all(torch.equal(weights[k], shard.weights[k]) for k in shard.weights)
 
 
 def test_do_train_false_evaluates_a_weights_only_checkpoint(resumed, evaluated):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from launcher.preflight import port_is_taken
 from neox.parallel import rank_status
+from neox.parallel.testing import free_port
 from tests.conftest import CORPORA, REPO_ROOT
 
 DEEPY = REPO_ROOT / "launcher" / "deepy.py"
@@ -69,27 +68,6 @@ TINY_MODEL: dict = {
     # The peak is measured by every run otherwise (0.5 s of matmuls); MFU only needs some denominator here.
     "peak_flops": 1.0e11,
 }
-
-
-def free_port() -> int:
-    """A port nothing listens on, from below the kernel's ephemeral range. bind(0) and outgoing connections draw
-    their ports from that range: a port found free there could be taken by any socket on the machine (the gloo groups
-    of tests running beside this one) before rank 0 binds it, seconds later. Below it only a test picking the same
-    number at random can take it (system randomness: tests seed `random`, and concurrent test runs must differ)."""
-    low = _lowest_ephemeral_port()
-    pick = random.SystemRandom()
-    for _ in range(200):
-        port = pick.randrange(max(1024, low - 12000), low)
-        if not port_is_taken(port):
-            return port
-    raise RuntimeError(f"no free port below {low} after 200 tries")
-
-
-def _lowest_ephemeral_port() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
 
 
 def preprocess_kjv(out_dir: Path) -> Path:

@@ -1,7 +1,9 @@
-"""neox.checkpoint.engine_state without DeepSpeed: which tag gets loaded, RNG round trips, the save layout and pruning."""
+"""neox.checkpoint.engine_state without DeepSpeed: which tag gets loaded, RNG round trips, the save layout and pruning,
+refusing a crafted pickle and a missing RNG file; neox.checkpoint.load_folder: what `load` may name."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from neox.checkpoint import engine_state
+from neox.checkpoint import engine_state, load_folder, safe_load
 from neox.checkpoint.engine_state import RunFiles, resolve_load_tag
 from neox.checkpoint.errors import CheckpointError
+from neox.config.errors import ConfigError
+from tests.malicious_pickle import DeepSpeedsReader, plant
 
 
 def make_checkpoint(save_dir: Path, iteration: int, complete: bool = True) -> Path:
@@ -105,13 +109,18 @@ def test_rng_state_round_trips_through_weights_only_torch_load(tmp_path):
 # --- save: layout, latest, pruning ------------------------------------------------------------------------------
 
 class FakeEngine:
-    """What engine_state.save/load use of a DeepSpeed engine: it writes one file per save and records the calls."""
+    """What engine_state.save/load use of a DeepSpeed engine: it writes one file per save and records the calls;
+    like DeepSpeed's, its load_checkpoint reads through its checkpoint_engine."""
 
     def __init__(self):
         self.saved: list[tuple[str, str, dict, bool]] = []
         self.loaded: list[dict] = []
+        self.checkpoint_engine = DeepSpeedsReader()
+        self.module = torch.nn.Linear(2, 2)  # every parameter trains: no frozen ones to leave out
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool,
+                        exclude_frozen_parameters: bool = False) -> None:
+        assert not exclude_frozen_parameters
         self.saved.append((save_dir, tag, dict(client_state), save_latest))
         ckpt = Path(save_dir) / tag
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -119,7 +128,7 @@ class FakeEngine:
 
     def load_checkpoint(self, load_dir: str, tag: str, **kwargs):
         self.loaded.append({"load_dir": load_dir, "tag": tag, **kwargs})
-        state = torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=True)
+        state = self.checkpoint_engine.load(str(Path(load_dir) / tag / "mp_rank_00_model_states.pt"))
         return str(Path(load_dir) / tag), state["client_state"]
 
 
@@ -215,3 +224,105 @@ def test_architecture_mismatch_names_every_key(tmp_path):
     assert "hidden_size: checkpoint 64 vs config 96" in message and "num_layers: checkpoint 2 vs config 3" in message
     assert "norm" not in message.split("mismatched keys:")[1]
     engine_state.check_same_architecture(saved, dict(saved), ("hidden_size", "num_layers", "norm"), tmp_path)
+
+
+# --- untrusted files and missing pieces -------------------------------------------------------------------------
+
+def test_resume_refuses_a_pickle_that_runs_code(tmp_path, run_files):
+    engine = FakeEngine()
+    engine_state.save(engine, tmp_path, 10, {"iteration": 10}, run_files, rank=0, barrier=lambda: None)
+    states = plant(tmp_path / "global_step10" / "mp_rank_00_model_states.pt", tmp_path / "pwned")
+    engine.load_checkpoint(str(tmp_path), "global_step10")  # DeepSpeed's own read runs the payload
+    assert (tmp_path / "pwned").exists()
+    (tmp_path / "pwned").unlink()
+    reader = engine.checkpoint_engine
+    with pytest.raises(CheckpointError) as err:
+        engine_state.load(engine, tmp_path, "global_step10", rank=0, finetune=False)
+    assert f"refusing to load {states}" in str(err.value) and "posix.system" in str(err.value)
+    assert not (tmp_path / "pwned").exists()
+    assert engine.checkpoint_engine is reader  # DeepSpeed's engine is handed back for saving
+
+
+def test_deepspeeds_direct_torch_loads_are_weights_only_too(tmp_path):
+    """A universal checkpoint's files are read by torch.load(weights_only=False) calls outside the checkpoint
+    engine: inside the load they are weights-only all the same."""
+    crafted = tmp_path / "fp32.pt"
+    torch.save({"param": torch.ones(2)}, crafted)
+    plant(crafted, tmp_path / "pwned")
+    with pytest.raises(CheckpointError, match=rf"refusing to load checkpoint {tmp_path}: one of its files holds "
+                                              r"posix.system"):
+        with safe_load.deepspeed_loads_weights_only(FakeEngine(), tmp_path):
+            torch.load(crafted, weights_only=False)
+    assert not (tmp_path / "pwned").exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_a_missing_rng_file_is_an_error_unless_no_load_rng(tmp_path, run_files):
+    engine = FakeEngine()
+    engine_state.save(engine, tmp_path, 4, {"iteration": 4}, run_files, rank=0, barrier=lambda: None)
+    ckpt = tmp_path / "global_step4"
+    assert engine_state.missing_rng_warning(ckpt, 0) is None
+    engine_state.rng_file(ckpt, 0).unlink()
+    with pytest.raises(CheckpointError) as err:
+        engine_state.load(engine, tmp_path, "global_step4", rank=0, finetune=False)
+    assert f"{ckpt / 'rng' / 'rank0.pt'} is missing" in str(err.value) and "'no_load_rng: true'" in str(err.value)
+    with pytest.raises(CheckpointError, match="rank1.pt is missing"):
+        engine_state.read_rng_state(ckpt, 1)
+    assert engine_state.load(engine, tmp_path, "global_step4", rank=0, finetune=False, load_rng=False) == \
+        {"iteration": 4}
+    warning = engine_state.missing_rng_warning(ckpt, 0)
+    assert warning.startswith("WARNING: ") and str(ckpt / "rng" / "rank0.pt") in warning and "\n" not in warning
+    # Saved with no_save_rng: there is nothing missing, and the run reseeds quietly.
+    engine_state.save(engine, tmp_path, 5, {"iteration": 5}, run_files, rank=0, barrier=lambda: None,
+                      save_rng=False)
+    assert engine_state.load(engine, tmp_path, "global_step5", rank=0, finetune=False) == {"iteration": 5}
+    assert engine_state.missing_rng_warning(tmp_path / "global_step5", 0) is None
+
+
+# --- what `load` may name ---------------------------------------------------------------------------------------
+
+def test_load_naming_a_file_is_a_config_error(tmp_path):
+    file = tmp_path / "model.pt"
+    file.write_bytes(b"not a folder")
+    for call in (lambda: load_folder.require_folder(file), lambda: load_folder.start_from_scratch(file, None)):
+        with pytest.raises(ConfigError, match=rf"'load': {file} is a file, not a checkpoint folder"):
+            call()
+    load_folder.require_folder(tmp_path)
+    load_folder.require_folder(tmp_path / "missing")
+
+
+def test_first_run_folders_start_from_scratch_with_one_line(tmp_path):
+    missing = tmp_path / "ckpt"
+    assert load_folder.start_from_scratch(missing, str(missing)) == (
+        f"load: {missing} does not exist yet: starting from scratch (gpt-neox's first-run convention, save == load)")
+    missing.mkdir()
+    assert "holds no checkpoint yet: starting from scratch" in load_folder.start_from_scratch(missing, None)
+    # deepy writes resolved_config.yml into save before the ranks start; a first save may have been cut off
+    (missing / "resolved_config.yml").write_text("num_layers: 2\n")
+    make_checkpoint(missing, 5, complete=False)
+    assert "holds no checkpoint yet" in load_folder.start_from_scratch(missing, str(tmp_path / "." / "ckpt"))
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.bin", "a.idx", "notes.txt"):
+        (data / name).write_text("x")
+    with pytest.raises(ConfigError) as err:
+        load_folder.start_from_scratch(data, str(tmp_path / "ckpt"))
+    message = str(err.value)
+    assert message.startswith(f"'load': {data} is not a checkpoint folder") and "a.bin, a.idx, notes.txt" in message
+    other_run = tmp_path / "run1"
+    make_checkpoint(other_run, 3, complete=False)
+    with pytest.raises(ConfigError, match=r"its global_step3 has no complete.json \(the save was cut off"):
+        load_folder.start_from_scratch(other_run, str(tmp_path / "run2"))
+    hf_model = tmp_path / "pythia-hf"
+    hf_model.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (hf_model / name).write_text("{}")
+    with pytest.raises(ConfigError, match="looks like a Hugging Face model: convert it with tools/convert_hf_to_neox"):
+        load_folder.start_from_scratch(hf_model, None)
+    step = make_checkpoint(tmp_path / "run3", 7)
+    with pytest.raises(ConfigError, match=rf"one checkpoint of the save directory {tmp_path / 'run3'}: set "
+                                          rf"'load: {tmp_path / 'run3'}' and 'iteration: 7'"):
+        load_folder.start_from_scratch(step, None)

@@ -185,7 +185,7 @@ def test_missing_feature_key_at_its_default_loads_and_otherwise_names_feature_an
     ({"norm": "te_rmsnorm"}, "Transformer Engine"),
     ({"attention_config": [[["mamba"], 2]]}, "Mamba"),
     ({"attention_config": [[["global", "bigbird"], 1]]}, "block-sparse"),
-    ({"text_gen_type": "precompute"}, "post-training"),
+    ({"train_impl": "reinforce"}, "online reinforcement learning"),
 ])
 def test_missing_feature_values_name_the_feature(tmp_path, extra, feature):
     with pytest.raises(ConfigError, match=feature):

@@ -23,6 +23,7 @@ from neox.checkpoint.engine_state import RunFiles
 from neox.train import epochs, forward_check
 from neox.train.save_schedule import SaveSchedule, schedule_from_config
 from neox.train.schedule import LRSchedule, ScheduleMismatch, decay_iters_for, resume_schedule
+from tests.malicious_pickle import DeepSpeedsReader
 
 # --- save iterations -------------------------------------------------------------------------------------------
 
@@ -175,16 +176,19 @@ def test_train_epochs_arithmetic(tmp_path):
 class FakeEngine:
     def __init__(self):
         self.loaded: list[dict] = []
+        self.checkpoint_engine = DeepSpeedsReader()  # engine_state.load reads through a weights-only one instead
+        self.module = torch.nn.Linear(2, 2)  # every parameter trains: no frozen ones to leave out
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool,
+                        exclude_frozen_parameters: bool = False) -> None:
         ckpt = Path(save_dir) / tag
         ckpt.mkdir(parents=True, exist_ok=True)
         torch.save({"client_state": client_state}, ckpt / "mp_rank_00_model_states.pt")
 
     def load_checkpoint(self, load_dir: str, tag: str, **kwargs):
         self.loaded.append(kwargs)
-        return str(Path(load_dir) / tag), torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt",
-                                                      weights_only=True)["client_state"]
+        return str(Path(load_dir) / tag), self.checkpoint_engine.load(
+            str(Path(load_dir) / tag / "mp_rank_00_model_states.pt"))["client_state"]
 
 
 @pytest.fixture
@@ -222,7 +226,7 @@ def test_no_load_optim_loads_module_only_but_keeps_client_state_and_rng(tmp_path
     state = engine_state.load(engine, tmp_path, "global_step10", 0, finetune=False, load_optimizer=False)
     assert state == {"iteration": 10, "consumed_train_samples": 80}
     assert engine.loaded[-1] == {"load_module_only": True, "load_optimizer_states": False,
-                                 "load_lr_scheduler_states": False}
+                                 "load_lr_scheduler_states": False, "load_module_strict": True}
     assert torch.equal(torch.rand(3), expected)  # the RNG streams still come back
     torch.manual_seed(99)
     before = torch.random.get_rng_state()

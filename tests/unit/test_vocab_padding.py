@@ -12,9 +12,11 @@ import yaml
 
 from neox.checkpoint.engine_state import COMPLETE_MARKER
 from neox.checkpoint.errors import CheckpointError
-from neox.checkpoint.layout_state import FullState
-from neox.checkpoint.vocab_padding import (Repad, adopt_checkpoint_padding, check_checkpoint_model,
-                                           repad_full_state)
+from neox.checkpoint.layout_engine import FlatRange
+from neox.checkpoint.layout_sources import fill, open_source
+from neox.checkpoint.layout_state import OfflineWriter, StageShard
+from neox.checkpoint.regions import Rect
+from neox.checkpoint.vocab_padding import VOCAB_ROWS, Repad, adopt_checkpoint_padding, check_checkpoint_model
 from neox.config import load_config, save_resolved
 from neox.parallel.parallelize import GradNormClipper, squared_norm
 from neox.train.run import ARCHITECTURE_KEYS
@@ -92,18 +94,29 @@ def test_checkpoint_model_check(tmp_path):
 
 
 @pytest.mark.parametrize("saved,padded", [(50259, 50432), (50432, 50304)])
-def test_repad_keeps_every_row_below_the_new_size_bit_for_bit(saved, padded):
+def test_repad_keeps_every_row_below_the_new_size_bit_for_bit(tmp_path, saved, padded):
+    """A layout-free checkpoint with `saved` vocabulary rows read into a model with `padded`: weights and Adam moments
+    alike keep the rows both have, and start new rows at zero (the path a resume takes, layout_state.fill)."""
     gen = torch.Generator().manual_seed(0)
     weights = {EMBED: torch.randn(saved, 8, generator=gen), "head.weight": torch.randn(saved, 8, generator=gen),
                "final_norm.weight": torch.randn(8, generator=gen)}
     moments = {key: {name: torch.rand(t.shape, generator=gen) for name, t in weights.items()}
                for key in ("exp_avg", "exp_avg_sq")}
-    full = FullState(step=3.0, client_state={"iteration": 3}, weights=dict(weights),
-                     moments={k: dict(v) for k, v in moments.items()})
-    repad_full_state(full, padded)
+    writer = OfflineWriter(tmp_path)
+    writer.add(StageShard(0, 1, 0, 1), 3.0, {"iteration": 3}, weights, moments)
+    writer.finish({"tp": 1, "pp": 1, "dp": 1})
+    loaded = {kind: {name: torch.full(((padded, 8) if name in VOCAB_ROWS else t.shape), 7.0)
+                     for name, t in weights.items()} for kind in ("weight", *moments)}
+    ranges = []
+    for name, t in weights.items():
+        shape = tuple(loaded["weight"][name].shape)
+        rows, cols = (shape[0], 8) if len(shape) == 2 else (1, shape[0])
+        ranges.append(FlatRange(name, shape, Rect(0, rows, 0, cols), 0, rows * cols,
+                                {kind: loaded[kind][name].view(-1) for kind in loaded}))
+    fill(open_source(tmp_path), ranges, resizable_rows=frozenset(VOCAB_ROWS))
     kept = min(saved, padded)
-    for before, after in [(weights, full.weights), *((moments[k], full.moments[k]) for k in moments)]:
-        assert after["final_norm.weight"] is before["final_norm.weight"]
+    for before, after in [(weights, loaded["weight"]), *((moments[k], loaded[k]) for k in moments)]:
+        assert torch.equal(after["final_norm.weight"], before["final_norm.weight"])
         for name in (EMBED, "head.weight"):
             assert after[name].shape == (padded, 8)
             assert torch.equal(after[name][:kept], before[name][:kept])
