@@ -34,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from neox.parallel.testing import free_port
 from spread import summary, write_json
 # The same launch and data as the start-up benchmark's.
-from startup import DEEPY, PADDED_VOCAB, REPO_ROOT, TOKENIZER, _clean_env, _free_port, prepare_data
+from startup import DEEPY, PADDED_VOCAB, REPO_ROOT, TOKENIZER, _clean_env, prepare_data
 
 SAVE_INTERVAL = 4
 FULL = {"rounds": 2, "train_iters": 4 * SAVE_INTERVAL, "overrides": {"seq_length": 256}}
@@ -53,7 +54,7 @@ def train_run(work: Path, data: Path, asynchronous: bool, spec: dict, timeout_s:
               "save_interval": SAVE_INTERVAL, "keep_last_n_checkpoints": 1, "checkpoint_async": asynchronous,
               "eval_interval": 100000, "eval_iters": 0, "log_interval": 1, "data_path": str(data),
               "vocab_file": str(TOKENIZER), "padded_vocab_size": PADDED_VOCAB, "peak_flops": 1.0e11,
-              "master_port": _free_port(), "save": str(run_dir / "ckpt"), "log_dir": str(run_dir / "logs"),
+              "master_port": free_port(), "save": str(run_dir / "ckpt"), "log_dir": str(run_dir / "logs"),
               **spec["overrides"]}
     argv = [sys.executable, str(DEEPY), "train", str(REPO_ROOT / "configs" / "70M.yml"),
             str(REPO_ROOT / "configs" / "cpu.yml")]

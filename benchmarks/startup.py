@@ -36,6 +36,7 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
+from neox.parallel.testing import free_port
 from spread import summary, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +68,6 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------- 1. end to end
 
 def prepare_data(work: Path) -> Path:
@@ -91,7 +84,7 @@ def start_to_first_step(work: Path, config: Path, data: Path, layout: str, timeo
     run_dir = Path(tempfile.mkdtemp(prefix=f"{layout}-", dir=work))
     values = {"num_gpus": ranks, "zero_optimization.stage": 0, "train_iters": 1, "eval_iters": 0, "log_interval": 1,
               "data_path": str(data), "vocab_file": str(TOKENIZER), "padded_vocab_size": PADDED_VOCAB,
-              "peak_flops": 1.0e11, "master_port": _free_port(), "log_dir": str(run_dir / "logs"), **overrides}
+              "peak_flops": 1.0e11, "master_port": free_port(), "log_dir": str(run_dir / "logs"), **overrides}
     argv = [sys.executable, str(DEEPY), "train", str(config), str(REPO_ROOT / "configs" / "cpu.yml")]
     for key, value in values.items():
         argv += [f"--{key}", str(value)]

@@ -14,9 +14,11 @@ from neox.config.neox_config import NeoXConfig
 from neox.model.mup import widths_by_param
 from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing
+from neox.parallel.engine import ParallelTrainEngine
 from neox.parallel.global_batch import GlobalBatchLoss, loss_context, take_micro_batches
 from neox.parallel.moe import AuxLossScale
 from neox.parallel.parallelize import install_grad_norm_clipper
+from neox.parallel.topology import Topology
 from neox.train.objectives import LanguageModelObjective, Objective
 
 
@@ -95,3 +97,13 @@ class TrainEngine:
             self.loss.begin_step(batches, self.device)
             losses.append(torch.stack([self._forward_loss(batch) for batch in batches]).mean())
         return torch.stack(losses).mean().float()
+
+
+def build_train_engine(cfg: NeoXConfig, model: torch.nn.Module, device: torch.device, topo: Topology,
+                       objective: Objective) -> TrainEngine | ParallelTrainEngine:
+    """The engine of a run's layout: DeepSpeed's pipeline engine over tensor/pipeline shards when the run is
+    model-parallel (model may then be a meta-device structure: each rank initialises its own shard), else the
+    plain DeepSpeed engine over the whole model."""
+    if cfg.parallel.is_model_parallel:
+        return ParallelTrainEngine(cfg, model, device, topo, objective)
+    return TrainEngine(cfg, model, device, objective)

@@ -31,7 +31,6 @@ from neox.model import GPTNeoX
 from neox.model.base_shapes import mup_setup
 from neox.model.moe import inactive_params
 from neox.model.value_head import is_reward_model, lm_weights_for_reward_model
-from neox.parallel.engine import ParallelTrainEngine
 from neox.parallel.materialize import meta_model
 from neox.parallel import rank_status
 from neox.parallel.runtime import Runtime, all_reduce_mean, barrier
@@ -52,7 +51,7 @@ from neox.train.moe_metrics import MoEMetrics
 from neox.train.metrics import MetricsSinks, flat_run_config, shared_wandb_group, sinks_for_run
 from neox.train.diagnostics import build_diagnostics
 from neox.train.profiling import build_step_profiler
-from neox.train.engine import TrainEngine
+from neox.train.engine import build_train_engine
 from neox.train.objectives import build_objective, window_means
 from neox.train.lora_model import build_lora_model, lora_base_dir
 from neox.train import faults, mup_modes, rank_log
@@ -165,10 +164,7 @@ class Trainer:
         # The loss of train_impl (neox/train/objectives): a mean over the global batch's unmasked tokens/pairs/samples.
         self.objective = build_objective(cfg)
         self._window_metrics: list[dict[str, float]] = []  # the objective's metrics of the steps since the last log
-        if cfg.parallel.is_model_parallel:
-            self.train_engine = ParallelTrainEngine(cfg, model, runtime.device, self.topo, self.objective)
-        else:
-            self.train_engine = TrainEngine(cfg, model, runtime.device, self.objective)
+        self.train_engine = build_train_engine(cfg, model, runtime.device, self.topo, self.objective)
         self.engine = self.train_engine.engine
         # MoE layers: their router losses and expert loads for each metrics line (None without MoE layers).
         self.moe_metrics = MoEMetrics.for_model(model, cfg.model, self.topo.tp_rank, runtime.device)

@@ -48,13 +48,12 @@ def _slice(batch: dict[str, torch.Tensor], start: int, size: int) -> dict[str, t
 def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[dict]]:
     """Train STEPS steps in each layout with every diagnostic on; rank 0 returns the diagnostics records."""
     from neox.checkpoint import layout_state
-    from neox.parallel.engine import ParallelTrainEngine
     from neox.train.objectives import LanguageModelObjective
     from neox.parallel.materialize import meta_model
     from neox.parallel.runtime import all_reduce_mean
     from neox.parallel.topology import build_topology
     from neox.train.diagnostics import build_diagnostics
-    from neox.train.engine import TrainEngine
+    from neox.train.engine import build_train_engine
 
     rank = torch.distributed.get_rank()
     out: dict[str, list[dict]] = {}
@@ -66,11 +65,8 @@ def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[
         cfg = load_config([path], vocab_size=VOCAB)
         topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
         torch.manual_seed(0)
-        if cfg.parallel.is_model_parallel:
-            train_engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo,
-                                               LanguageModelObjective())
-        else:
-            train_engine = TrainEngine(cfg, GPTNeoX(cfg.model), torch.device("cpu"))
+        model = meta_model(cfg.model) if cfg.parallel.is_model_parallel else GPTNeoX(cfg.model)
+        train_engine = build_train_engine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
         train_engine.engine.train()
         diagnostics = build_diagnostics(cfg.log, train_engine.engine, topo,
                                         layout_state.param_names_of(train_engine), cfg.train.train_batch_size)

@@ -81,10 +81,9 @@ def peak_extra_bytes(fn):
 def _engine(work: Path, name: str):
     from neox.checkpoint import layout_state
     from neox.model import GPTNeoX
-    from neox.parallel.engine import ParallelTrainEngine
     from neox.parallel.materialize import meta_model
     from neox.parallel.topology import build_topology
-    from neox.train.engine import TrainEngine
+    from neox.train.engine import build_train_engine
     from neox.train.objectives import LanguageModelObjective
 
     path = work / f"{name}.yml"
@@ -94,11 +93,8 @@ def _engine(work: Path, name: str):
     cfg = load_config([path], vocab_size=VOCAB)
     topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
     torch.manual_seed(0)
-    if cfg.parallel.is_model_parallel:
-        train_engine = ParallelTrainEngine(cfg, meta_model(cfg.model), torch.device("cpu"), topo,
-                                           LanguageModelObjective())
-    else:
-        train_engine = TrainEngine(cfg, GPTNeoX(cfg.model), torch.device("cpu"))
+    model = meta_model(cfg.model) if cfg.parallel.is_model_parallel else GPTNeoX(cfg.model)
+    train_engine = build_train_engine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
     train_engine.engine.train()
     return cfg, topo, train_engine, layout_state.param_names_of(train_engine)
 
