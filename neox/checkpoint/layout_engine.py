@@ -6,6 +6,9 @@ Each parameter's fp32 value and Adam moments live, per engine:
 - ZeRO 3: each parameter cut into dp pieces of ceil(numel / dp) (the last one padded); this rank holds one;
 - ZeRO 0: every dp rank holds all of it (the parameter itself, or the fp32 master of DeepSpeed's unfused 16-bit
   optimizer); for writing, dp rank d takes the d-th of dp equal flat slices.
+With expert parallelism a rank's expert tensors are its experts' rows (dim 0) of its tp shard: the band is cut to
+those rows, and the ranks that share them (the expert-data-parallel group, over which ZeRO partitions them) split
+the writing as the dp ranks split a replicated parameter's.
 owned_ranges (saving) gives each element to exactly one rank of the job: tp-replicated parameters (norms, biases of
 row-parallel layers) are written by tp rank 0 only, a pipeline's tied copy of the embedding not at all, frozen
 parameters (a LoRA run's base, which DeepSpeed's files leave out too) neither.
@@ -112,12 +115,16 @@ class _Geometry:
     def split_dim(self, name: str) -> int | None:
         return tp_split_dim(name, self.overrides) if self.topo.tp_size > 1 else None
 
-    def full_shape(self, name: str, shard: tuple[int, ...]) -> tuple[int, ...]:
-        dim = self.split_dim(name)
-        if dim is None:
-            return shard
+    def expert_split(self, param) -> bool:
+        return self.topo.ep_size > 1 and getattr(param, "neox_expert_parallel", False)
+
+    def full_shape(self, name: str, shard: tuple[int, ...], expert_split: bool = False) -> tuple[int, ...]:
         full = list(shard)
-        full[dim] *= self.topo.tp_size
+        dim = self.split_dim(name)
+        if dim is not None:
+            full[dim] *= self.topo.tp_size
+        if expert_split:
+            full[0] *= self.topo.ep_size
         return tuple(full)
 
     def describe(self, param) -> tuple[str, tuple[int, ...], Rect]:
@@ -125,8 +132,13 @@ class _Geometry:
         if name is None:
             raise LayoutEngineError("a parameter of the engine has no single-device name: the model was wrapped "
                                     "after the names were recorded")
-        full = self.full_shape(name, self.shard_shape(param))
-        return name, full, tp_band(full, self.split_dim(name), self.topo.tp_rank, self.topo.tp_size)
+        experts = self.expert_split(param)
+        full = self.full_shape(name, self.shard_shape(param), experts)
+        band = tp_band(full, self.split_dim(name), self.topo.tp_rank, self.topo.tp_size)
+        if experts:  # this rank's experts: rows of the [experts, inner x hidden] grid
+            local = full[0] // self.topo.ep_size
+            band = Rect(self.topo.ep_rank * local, (self.topo.ep_rank + 1) * local, band.c0, band.c1)
+        return name, full, band
 
 
 def _zero3_partition(wrapper, param, key: str | None) -> torch.Tensor:
@@ -180,8 +192,10 @@ def owned_ranges(engine, names: dict[int, str], topo: Topology, with_moments: bo
                 views.update({k: _zero3_partition(wrapper, param, k)[:stop - start] for k in MOMENTS})
         else:
             master = masters.get(id(param), param)
-            chunk = math.ceil(numel / topo.dp_size)
-            start, stop = min(numel, topo.dp_rank * chunk), min(numel, (topo.dp_rank + 1) * chunk)
+            sharers, position = ((topo.expert_dp_size, topo.expert_dp_rank) if geometry.expert_split(param)
+                                 else (topo.dp_size, topo.dp_rank))
+            chunk = math.ceil(numel / sharers)
+            start, stop = min(numel, position * chunk), min(numel, (position + 1) * chunk)
             if stop <= start:
                 continue
             views[WEIGHT] = master.detach().reshape(-1)[start:stop]

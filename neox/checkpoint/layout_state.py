@@ -38,7 +38,8 @@ from neox.parallel.sharding import tp_split_dim
 from neox.parallel.topology import Topology
 
 __all__ = ["FORMAT", "LEGACY_FORMAT", "MOMENTS", "STATE_DIR", "FullState", "LayoutStateError", "OfflineWriter",
-           "StageShard", "consolidated_weights", "has_layout_free_state", "layout_of", "load_layout_free_state",
+           "StageShard", "consolidated_weights", "has_layout_free_state", "has_optimizer_state", "layout_of",
+           "load_layout_free_state",
            "param_names_of", "read_layout_free_state", "save_layout_free_state"]
 
 _TIED_HEAD, _EMBEDDING = "head.weight", "embedding.word_embeddings.weight"
@@ -281,10 +282,25 @@ def consolidated_weights(ckpt_dir: Path, tied_head: bool) -> dict[str, torch.Ten
 
 def layout_of(cfg) -> dict[str, int]:
     """What DeepSpeed's own checkpoint files depend on; a change in any of these resumes from layout-free state."""
-    return {"model_parallel_size": cfg.parallel.model_parallel_size,
-            "pipe_parallel_size": cfg.parallel.pipe_parallel_size,
-            "data_parallel_size": cfg.derived.data_parallel_size,
-            "zero_stage": cfg.optim.zero_stage}
+    layout = {"model_parallel_size": cfg.parallel.model_parallel_size,
+              "pipe_parallel_size": cfg.parallel.pipe_parallel_size,
+              "data_parallel_size": cfg.derived.data_parallel_size,
+              "zero_stage": cfg.optim.zero_stage}
+    if cfg.parallel.moe_expert_parallel_size > 1:  # (absent in configs from before expert parallelism)
+        layout["moe_expert_parallel_size"] = cfg.parallel.moe_expert_parallel_size
+    return layout
+
+
+def has_optimizer_state(ckpt_dir: Path) -> bool:
+    """The layout-free copy holds Adam moments (not a no_save_optim checkpoint's weights alone, nor a checkpoint
+    saved before the first optimizer step at ZeRO 0, whose optimizer had no state yet)."""
+    if not has_layout_free_state(ckpt_dir):
+        return False
+    source = open_source(ckpt_dir)
+    try:
+        return all(k in source.kinds for k in MOMENTS)
+    finally:
+        source.close()
 
 
 def param_names_of(train_engine) -> dict[int, str]:

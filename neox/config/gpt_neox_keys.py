@@ -236,7 +236,8 @@ NEOX_ONLY_KEYS = frozenset({
     "eval_tasks_path", "generate_batch_size", "label_data_paths", "launcher_args", "lora", "no_ssh", "node_rank",
     "num_fewshot", "peak_flops", "preempt_exit_code", "save_interval", "ssh_args", "stop_strings",
     # mixture of experts beyond gpt-neox's six moe_* keys (issue 15)
-    "moe_aux_loss_coeff", "moe_capacity_factor", "moe_intermediate_size", "moe_layers", "moe_norm_topk_prob",
+    "moe_aux_loss_coeff", "moe_capacity_factor", "moe_expert_parallel_size", "moe_intermediate_size", "moe_layers",
+    "moe_norm_topk_prob",
     "moe_num_shared_experts", "moe_shared_expert_gate", "moe_shared_expert_intermediate_size", "moe_z_loss_coeff",
 })
 

@@ -62,8 +62,17 @@ def validate_moe(m: ModelConfig) -> None:
 def check_moe_combinations(cfg: NeoXConfig) -> None:
     """MoE with the layout and the other features (neox/config/validate.py:check_combinations)."""
     m = cfg.model
+    ep = cfg.parallel.moe_expert_parallel_size
     if not m.moe_layer_indices:
+        if ep > 1:
+            raise ConfigError(f"'moe_expert_parallel_size' is {ep} but the model has no MoE layers "
+                              f"('moe_num_experts' is {m.moe_num_experts}): set moe_num_experts > 1, or "
+                              "moe_expert_parallel_size 1")
         return
+    if ep > 1 and m.moe_num_experts % ep:
+        raise ConfigError(f"'moe_expert_parallel_size' ({ep}) must divide 'moe_num_experts' "
+                          f"({m.moe_num_experts}): each expert-parallel rank holds the same number of experts")
+
     if cfg.parallel.sequence_parallel and cfg.parallel.model_parallel_size > 1:
         raise ConfigError("'sequence_parallel' with MoE layers ('moe_num_experts' "
                           f"{m.moe_num_experts}): the router would see only this rank's positions while the "
@@ -74,3 +83,20 @@ def check_moe_combinations(cfg: NeoXConfig) -> None:
                           f"{m.moe_num_experts}): neox's muP width rules are written for 2-D weight matrices, "
                           "and the experts are stacked [experts, out, in] tensors; train the MoE model without "
                           "muP")
+
+
+def check_expert_parallel_training(cfg: NeoXConfig) -> None:
+    """What training with moe_expert_parallel_size needs of the layout (eval and generate run the experts whole, so
+    a config trained at ep > 1 evaluates on any number of ranks)."""
+    ep = cfg.parallel.moe_expert_parallel_size
+    if ep == 1:
+        return
+    dp = cfg.derived.data_parallel_size
+    if dp % ep:
+        raise ConfigError(f"'moe_expert_parallel_size' ({ep}) must divide the data-parallel size ({dp} = world size "
+                          "/ (model_parallel_size x pipe stages)): experts are split over data-parallel ranks; "
+                          "start a multiple of ep data-parallel ranks")
+    if cfg.optim.zero_stage == 3:
+        raise ConfigError(f"'moe_expert_parallel_size' {ep} with ZeRO stage 3: expert parallelism runs with ZeRO "
+                          "stages 0-2 (stage 3 would gather each layer's experts from ranks that hold other "
+                          "experts); use zero_optimization.stage 0, 1 or 2")

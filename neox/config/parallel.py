@@ -21,6 +21,15 @@ class ParallelConfig:
         "(gpt-neox's default 'type:transformer|mlp' = the transformer layers), 'parameters' balances parameter "
         "counts, 'uniform' layer counts.",
     )
+    moe_expert_parallel_size: int = option(
+        1,
+        "Expert parallelism: split each MoE layer's routed experts over this many data-parallel ranks (experts "
+        "[r E/ep, (r+1) E/ep) on the r-th rank of each group of ep consecutive data-parallel ranks), tokens sent to "
+        "their experts' ranks and back by all-to-all. Must divide the data-parallel size and moe_num_experts. The "
+        "experts' gradients are averaged over the ranks holding the same experts (DeepSpeed's expert-data-parallel "
+        "group); everything else is data-parallel as before. A training layout: checkpoints hold whole experts, and "
+        "eval / generate run them whole.",
+    )
     sequence_parallel: bool = option(
         False,
         "Megatron-style sequence parallelism (arXiv 2205.05198): between the tensor-parallel matrices, norms, dropout "
@@ -41,6 +50,12 @@ class ParallelConfig:
         return self.model_parallel_size > 1 or self.pipe_parallel_size >= 1
 
     @property
+    def shards_parameters(self) -> bool:
+        """Ranks hold different pieces of the model during training: model-parallel, or experts split over
+        data-parallel ranks (expert parallelism). Such a run trains through neox.parallel's engine."""
+        return self.is_model_parallel or self.moe_expert_parallel_size > 1
+
+    @property
     def shards_sequence(self) -> bool:
         """sequence_parallel in effect: asked for, and a tensor-parallel group to shard over."""
         return self.sequence_parallel and self.model_parallel_size > 1
@@ -48,6 +63,9 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.model_parallel_size < 1:
             raise ConfigError(f"'model_parallel_size' must be >= 1, got {self.model_parallel_size}")
+        ep = self.moe_expert_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ConfigError(f"'moe_expert_parallel_size' must be an integer >= 1, got {ep!r}")
         if self.pipe_parallel_size < 0:
             raise ConfigError(f"'pipe_parallel_size' must be >= 0, got {self.pipe_parallel_size}")
         method = self.pipe_partition_method

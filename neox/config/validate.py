@@ -6,7 +6,7 @@ import re
 from neox.config.errors import ConfigError
 from neox.config.lora import check_lora_combinations
 from neox.config.model import check_model_combinations
-from neox.config.moe import check_moe_combinations
+from neox.config.moe import check_expert_parallel_training, check_moe_combinations
 from neox.config.mup import check_mup_combinations
 from neox.config.post_training import check_post_training_combinations
 from neox.config.neox_config import DERIVED_KEYS, KEY_GROUP, NeoXConfig
@@ -106,3 +106,4 @@ def require_for_training(cfg: NeoXConfig) -> None:
                           "or with dataset_impl pairwise 'pos_train_data_paths' and 'neg_train_data_paths'")
     if cfg.train.save is None and cfg.log.log_dir is None:
         raise ConfigError("set 'save' or 'log_dir': the resolved config and the run's outputs are written there")
+    check_expert_parallel_training(cfg)

@@ -11,7 +11,8 @@ Parameter names and shapes (tensor parallelism, the Hugging Face converters and 
 
 E = moe_num_experts, I = the expert width (ModelConfig.expert_inner_size), H = hidden_size. Every expert tensor is
 [experts, inner, hidden] (linear2 too, as megablocks and gpt-neox store their w2), so:
-- expert parallelism (a later issue) would slice dim 0: a rank's experts e0..e1 are weight[e0:e1], one block;
+- expert parallelism slices dim 0: a rank's experts e0..e1 are weight[e0:e1], one block
+  (neox/parallel/expert_parallel.py);
 - tensor parallelism splits every expert's hidden units, dim 1 of all three (neox/parallel/sharding.py): the dense
   MLP's column split of linear1 / gate and row split of linear2. Both splits are bands of the [d0, d1 x d2] grid the
   layout-free checkpoints store (neox/checkpoint/regions.py). The router and the shared gate are replicated;
@@ -34,9 +35,9 @@ Forward, for the N = batch x seq tokens of a micro-batch:
 3. Experts: per projection one matmul per expert over its slice (grouped_linear), the activation between.
 4. Combine (SortedDispatch.combine): each row times its routing weight, put back in assignment order and summed
    over a token's k choices in choice order (the same sums, in the same order, on every layout).
-The dispatch is one object (`Experts.dispatcher`) so that expert parallelism (not built yet: no
-moe_expert_parallel_size key) can replace it with one that also sends each expert's slice to the rank holding that
-expert (all-to-all) and brings the results back, leaving the rest of the block as it is.
+The dispatch is one object (`Experts.dispatcher`) so that expert parallelism (moe_expert_parallel_size) replaces it
+with one that also sends each expert's slice to the rank holding that expert (all-to-all) and brings the results
+back, leaving the rest of the block as it is (neox/parallel/expert_parallel.py).
 
 Auxiliary losses reach the backward pass without being added to the language-model loss: the block's output
 carries them (AttachAuxLoss: identity in forward; in backward it also starts the aux loss's own gradient, equal to
@@ -237,7 +238,7 @@ class SortedDispatch:
             slots = slots[position < capacity]
             dropped = n * k - slots.numel()
             counts = counts.clamp(max=capacity)
-        return Dispatched(x[slots % n], counts.tolist(), slots, n, k, dropped)
+        return Dispatched(x.index_select(0, slots % n), counts.tolist(), slots, n, k, dropped)
 
     def combine(self, y: torch.Tensor, dispatched: Dispatched, weights: torch.Tensor) -> torch.Tensor:
         """y [S, H] (rows as dispatched) -> [N, H]: sum over each token's choices of weight x expert output."""
@@ -248,7 +249,7 @@ class SortedDispatch:
         rows[slots] = torch.arange(slots.numel(), device=slots.device)
         if dispatched.dropped:
             weighted = torch.cat([weighted, weighted.new_zeros(1, weighted.shape[-1])])
-        return weighted[rows].view(k, n, -1).sum(0)
+        return weighted.index_select(0, rows).view(k, n, -1).sum(0)
 
 
 class Experts(nn.Module):

@@ -38,7 +38,27 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return split_expert_groups([g for g in groups if g["params"]])
+
+
+def split_expert_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Expert-parallel parameters (marked as DeepSpeed's MoE parameters: allreduce False, group_name) in groups of
+    their own, {"moe": True, "name": group_name} and the rest of their group's settings: DeepSpeed's ZeRO 1/2
+    optimizers partition such a group over its expert-data-parallel ranks. Without such parameters: groups as
+    they are."""
+    out = []
+    for group in groups:
+        experts: dict[str, list] = {}
+        shared = []
+        for param in group["params"]:
+            if getattr(param, "allreduce", True) is False:
+                experts.setdefault(param.group_name, []).append(param)
+            else:
+                shared.append(param)
+        if shared:
+            out.append({**group, "params": shared})
+        out += [{**group, "params": params, "moe": True, "name": name} for name, params in experts.items()]
+    return out
 
 
 def configured_optimizer(module: torch.nn.Module, optim: OptimConfig, device_type: str,

@@ -18,6 +18,7 @@ from neox.model.mup import widths_by_param
 from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing, reset_after_forward_only
 from neox.parallel.lora import check_stage_trains
+from neox.parallel.expert_parallel import apply_expert_parallel
 from neox.parallel.global_batch import GlobalBatchLoss, loss_context, take_micro_batches
 from neox.parallel.materialize import is_meta, materialize
 from neox.parallel.moe import AuxLossScale
@@ -40,12 +41,13 @@ class ParallelTrainEngine:
         sequence_parallel = cfg.parallel.shards_sequence
         apply_tensor_parallel(model, topo, row_parallel_head=cfg.model.row_parallel_head,
                               sequence_parallel=sequence_parallel)
+        apply_expert_parallel(model, topo)  # this rank's experts of each MoE block (dim 0, after tp's dim 1)
         if is_meta(model):
             # Built on the meta device: this rank's shards of the single-device initial values, drawn alone (the
             # full model never exists here); a pipeline stage draws only its own layers, the others stay meta.
             own = (stage_parameters(model, topo, cfg.parallel.pipe_partition_method) if topo.use_pipeline
                    else None)
-            materialize(model, topo.tp_rank, topo.tp_size, own)
+            materialize(model, topo.tp_rank, topo.tp_size, own, topo.ep_rank, topo.ep_size)
         # Single-device names by parameter identity: the pipeline stages wrap these very parameters.
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.loss_context = loss_context(topo, cfg.model.padded_vocab_size, cfg.model.row_parallel_head,

@@ -19,6 +19,7 @@ from neox.config.model import ModelConfig
 from neox.model import GPTNeoX
 from neox.model.mup import MupSetup, mup_init_factors
 from neox.model.positions import alibi_slopes
+from neox.parallel.expert_parallel import is_expert_tensor
 from neox.parallel.sharding import shard_index, split_overrides
 
 
@@ -53,9 +54,10 @@ def _fill(param: nn.Parameter, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def materialize(model: GPTNeoX, tp_rank: int = 0, tp_size: int = 1,
-                params: Iterable[nn.Parameter] | None = None) -> GPTNeoX:
+                params: Iterable[nn.Parameter] | None = None, ep_rank: int = 0, ep_size: int = 1) -> GPTNeoX:
     """In place: every meta parameter of a (tensor-parallelised) meta-built model, or of `params` only (a pipeline
-    stage's), gets tp rank tp_rank's shard (of tp_size) of its single-device initial value."""
+    stage's), gets tp rank tp_rank's shard (of tp_size) of its single-device initial value; with expert
+    parallelism the expert tensors are also cut to expert-parallel rank ep_rank's experts (dim 0)."""
     plan = model.init_plan
     factors = mup_init_factors(model)  # muP scales the standard draws, as GPTNeoX's build does
     named = list(model.named_parameters())  # a tied head is listed once, as the embedding
@@ -68,6 +70,9 @@ def materialize(model: GPTNeoX, tp_rank: int = 0, tp_size: int = 1,
             raise MaterializeError(f"{name}: the model's init plan has no such parameter; GPTNeoX gained state "
                                    "that neox/model/init.py:init_plan does not list")
         index = shard_index(name, plan.draws[name].shape, tp_rank, tp_size, overrides)
+        if ep_size > 1 and is_expert_tensor(name):
+            local = plan.draws[name].shape[0] // ep_size
+            index = (slice(ep_rank * local, (ep_rank + 1) * local), *index[1:])
         value = plan.value(name, index, dtype=param.dtype)
         if value.shape != param.shape:
             raise MaterializeError(f"{name}: shard {tuple(value.shape)} of the initial value does not fit the "

@@ -2,9 +2,10 @@
 
 Tensor parallelism splits every expert as the dense MLP is split (neox/parallel/sharding.py: linear1 and gate by
 their output rows, linear2 by its input columns), rather than giving whole experts to the model-parallel ranks as
-gpt-neox does: distributing experts is expert parallelism's job (not built yet), and this way tp keeps
-its meaning (every rank holds 1/tp of every matrix) and composes with it. Every tp rank routes every token itself:
-the block's input and the router are replicated, so all ranks choose the same experts. Each rank computes its
+gpt-neox does: distributing experts is expert parallelism's job (neox/parallel/expert_parallel.py, over data-parallel
+ranks), and this way tp keeps its meaning (every rank holds 1/tp of every matrix) and composes with it. Every tp
+rank routes every token itself: the block's input and the router are replicated, so all ranks choose the same
+experts. Each rank computes its
 slice of every chosen expert's hidden units, weights its partial outputs, and the partial sums are added over tp.
 Two copy_to_tp's make the gradients whole: the experts' input (each rank's input gradient covers only its slice)
 and the routing weights (each rank's weight gradient sees only its slice of the expert outputs). The router's own

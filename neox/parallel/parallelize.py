@@ -184,7 +184,8 @@ class GradNormClipper:
 
     Measured after DeepSpeed has all-reduced gradients over dp (and tied weights over stages). A parameter counts
     on this rank when it is a tp shard or this is tp rank 0, and not when it is a pipeline-replicated copy of a
-    tied weight; the squares are summed over the model-parallel (pp x tp) group. topo None: this rank holds the
+    tied weight; the squares are summed over the model-parallel (pp x tp) group, those of expert-parallel shards
+    first over the expert-parallel group. topo None: this rank holds the
     whole model (the data-parallel-only engine). Clip coefficient max_norm / (norm + 1e-6), capped at 1, as
     DeepSpeed's; the squares accumulate in fp64 (squared_norm), as DeepSpeed's ZeRO norms do.
     """
@@ -195,11 +196,18 @@ class GradNormClipper:
 
     def norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        experts = torch.zeros_like(squares)  # expert-parallel shards: the other experts are on the ep group's ranks
         for p in params:
             if p.grad is None or getattr(p, "ds_pipe_replicated", False):
                 continue
             if self.topo is None or getattr(p, "neox_tp_sharded", False) or self.topo.tp_rank == 0:
-                squares = squares + squared_norm(p.grad)
+                if getattr(p, "neox_expert_parallel", False):
+                    experts = experts + squared_norm(p.grad)
+                else:
+                    squares = squares + squared_norm(p.grad)
+        if self.topo is not None and self.topo.ep_group is not None:
+            torch.distributed.all_reduce(experts, group=self.topo.ep_group)
+        squares = squares + experts
         group = None if self.topo is None else self.topo.model_group
         if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(squares, group=group)

@@ -4,6 +4,13 @@ Rank layout is DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model
 the same topology object can be handed to a PipelineModule and the groups agree with the pipeline engine's.
 The grid (DeepSpeed's PipelineParallelGrid) doubles as the `mpu` DeepSpeed asks for: data-parallel group
 for gradient reduction, model-parallel (pp x tp) group for the global gradient norm, slice group = tp.
+
+Expert parallelism (moe_expert_parallel_size = ep) works inside each data-parallel group: its ranks, in data-parallel
+order, form groups of ep consecutive ranks that split the experts (the expert-parallel group: tokens are exchanged
+within it), and the ranks at the same position of those groups hold the same experts (the expert-data-parallel group:
+the experts' gradients are averaged over it). DeepSpeed's layout (utils/groups.py, expert parallel before data
+parallel), registered in its group tables under its name `ep_size_{ep}`, so that its engine and ZeRO optimizers
+reduce and partition the expert parameters (marked by neox/parallel/expert_parallel.py) over the right ranks.
 """
 from __future__ import annotations
 
@@ -28,6 +35,21 @@ class Topology:
     use_pipeline: bool  # pipe_parallel_size >= 1: DeepSpeed's PipelineEngine, even with one stage
     ds_topology: Any  # deepspeed PipeModelDataParallelTopology
     grid: Any  # deepspeed PipelineParallelGrid; the `mpu`
+    ep_size: int = 1  # moe_expert_parallel_size
+    ep_group: Any = None  # this rank's expert-parallel group (None with ep 1)
+    expert_dp_group: Any = None  # the ranks holding this rank's experts (None with ep 1: the dp group)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep_size
+
+    @property
+    def expert_dp_size(self) -> int:
+        return self.dp_size // self.ep_size
+
+    @property
+    def expert_dp_rank(self) -> int:
+        return self.dp_rank // self.ep_size
 
     @property
     def rank(self) -> int:
@@ -91,7 +113,13 @@ def check_model_divides(model: ModelConfig, tp_size: int, pp_size: int) -> None:
                             "stage needs at least one transformer layer")
 
 
-def build_topology(tp_size: int, pipe_parallel_size: int, world_size: int | None = None) -> Topology:
+def expert_group_name(ep_size: int) -> str:
+    """The name DeepSpeed gives the expert groups of this size, which its engine looks parameters' group_name up in."""
+    return f"ep_size_{ep_size}"
+
+
+def build_topology(tp_size: int, pipe_parallel_size: int, world_size: int | None = None,
+                   ep_size: int = 1) -> Topology:
     """Collective (every rank creates the same process groups in the same order)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
 
@@ -101,7 +129,44 @@ def build_topology(tp_size: int, pipe_parallel_size: int, world_size: int | None
         raise TopologyError(f"world size {world} is not a multiple of model_parallel_size x pipe stages = "
                             f"{tp_size} x {pp_size}: start a multiple of {tp_size * pp_size} ranks")
     dp_size = world // (tp_size * pp_size)
+    if ep_size < 1 or dp_size % ep_size:
+        raise TopologyError(f"moe_expert_parallel_size {ep_size} must divide the data-parallel size {dp_size} "
+                            f"(world size {world} / (model_parallel_size {tp_size} x pipe stages {pp_size}))")
     ds_topology = PipeModelDataParallelTopology(num_pp=pp_size, num_mp=tp_size, num_dp=dp_size)
     grid = PipelineParallelGrid(topology=ds_topology)
+    ep_group = expert_dp_group = None
+    if ep_size > 1:
+        ep_group, expert_dp_group = _expert_groups(ds_topology.get_axis_comm_lists("data"), ep_size)
     return Topology(tp_size=tp_size, pp_size=pp_size, dp_size=dp_size, use_pipeline=pipe_parallel_size >= 1,
-                    ds_topology=ds_topology, grid=grid)
+                    ds_topology=ds_topology, grid=grid, ep_size=ep_size, ep_group=ep_group,
+                    expert_dp_group=expert_dp_group)
+
+
+def topology_for(parallel) -> Topology:
+    """The topology a run's ParallelConfig asks for (collective)."""
+    return build_topology(parallel.model_parallel_size, parallel.pipe_parallel_size,
+                          ep_size=parallel.moe_expert_parallel_size)
+
+
+def _expert_groups(dp_lists: list[list[int]], ep_size: int):
+    """Create every expert-parallel and expert-data-parallel group (collective: all ranks, same order), register
+    this rank's in DeepSpeed's group tables, and return them."""
+    from deepspeed.utils import groups
+
+    rank = torch.distributed.get_rank()
+    name = expert_group_name(ep_size)
+    mine: dict[str, tuple[Any, list[int]]] = {}
+    for dp_ranks in dp_lists:
+        for start in range(0, len(dp_ranks), ep_size):
+            ranks = dp_ranks[start:start + ep_size]
+            group = torch.distributed.new_group(ranks)
+            if rank in ranks:
+                mine["ep"] = (group, ranks)
+        for offset in range(ep_size):
+            ranks = dp_ranks[offset::ep_size]
+            group = torch.distributed.new_group(ranks)
+            if rank in ranks:
+                mine["edp"] = (group, ranks)
+    groups._EXPERT_PARALLEL_GROUP[name], groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mine["ep"]
+    groups._EXPERT_DATA_PARALLEL_GROUP[name], groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mine["edp"]
+    return mine["ep"][0], mine["edp"][0]

@@ -7,6 +7,10 @@ the training dtype: 4 for fp32, 2 for fp16/bf16):
   (ZeRO-1); 4P/N (ZeRO-2/3);
 - optimizer states: Adam's two fp32 moments 8P, and an fp32 master copy 4P unless the run is fp32 without ZeRO
   (DeepSpeed's ZeRO optimizer keeps an fp32 copy of its partition even for fp32 models); divided by N for ZeRO >= 1;
+- expert parallelism (moe_expert_parallel_size = ep, ZeRO 0-2): P holds only the rank's E/ep experts of each MoE
+  layer; ZeRO 1/2 partition those experts' fp32 gradients and optimizer states over the dp/ep ranks holding the same
+  experts (DeepSpeed's expert-data-parallel group), the other parameters' over dp. Under uniform routing a rank's
+  experts receive as many token rows as it sends away, so its activations are those of ep 1;
 - ZeRO buffers: the gradient reduce bucket (reduce_bucket_size elements, twice with overlap_comm) that DeepSpeed
   allocates with torch.empty: fully on a GPU, only the pages gradients touch (at most P elements) on a CPU.
 Activations, per micro-batch, in elements of T*h (T = micro-batch x seq_length tokens, h = hidden size), counted
@@ -198,7 +202,9 @@ def rank_memory(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int, dp: int, 
     zero = o.zero_stage
     a = DTYPE_BYTES[o.precision]
     p = stage.params
-    shard = -(-p // dp) if zero >= 1 else p
+    ep = cfg.parallel.moe_expert_parallel_size
+    experts = stage.expert_params if ep > 1 else 0  # partitioned over the expert-data-parallel group
+    shard = zero_shard(p, experts, dp, ep) if zero >= 1 else p
     zcfg = o.zero_optimization
     largest_layer = max(layer.per_tp_rank for layer in stage.layers)
 
@@ -246,23 +252,32 @@ def rank_memory(cfg: NeoXConfig, stage: StageParams, tp: int, pp: int, dp: int, 
         optimizer=optimizer,
         buffers=buffers,
         activations=stage_activations(cfg, stage, tp, pp),
+        # (MoE layers refuse sequence_parallel: nothing to compare)
         activations_other_sp=(stage_activations(cfg, stage, tp, pp, not cfg.parallel.sequence_parallel)
-                              if tp > 1 else None),
+                              if tp > 1 and not cfg.model.moe_layer_indices else None),
         checkpoint_activations=cfg.model.checkpoint_activations,
         framework=framework_bytes,
-        save_copy=0 if on_gpu else save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu),
-        save_host=save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu),
+        save_copy=0 if on_gpu else save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu, experts),
+        save_host=save_host_bytes(cfg, p, dp, a * p + optimizer, on_gpu, experts),
         save_in_background=cfg.train.checkpoint_async,
         model_build=0 if on_gpu else model_build_bytes(cfg, p, total_params, tp, pp),  # GPU: the build is in host RAM
     )
 
 
+def zero_shard(params: int, expert_params: int, dp: int, ep: int) -> int:
+    """Elements of a rank's ZeRO 1/2 partition: 1/dp of its parameters, but 1/(dp/ep) of its expert-parallel
+    experts' (expert_params of params), which only the dp/ep ranks holding the same experts share."""
+    expert_dp = dp // ep
+    return -(-(params - expert_params) // dp) + (-(-expert_params // expert_dp) if expert_params else 0)
+
+
 def model_build_bytes(cfg: NeoXConfig, rank_params: int, total_params: int, tp: int, pp: int) -> int:
-    """Host memory of building the model on a rank (neox/train/run.py). dp-only: the whole fp32 model. With tp or pp
-    the model is built on the meta device and each rank draws only its tp shards of its own stage's layers
-    (rank_params; neox/parallel/materialize.py), a 128 x 128 tile at a time, except that an orthogonal init draws a
-    whole matrix at a time: then about two copies of the largest one (the matrix and its QR) come on top."""
-    if tp * max(pp, 1) == 1:
+    """Host memory of building the model on a rank (neox/train/run.py). dp-only: the whole fp32 model. With tp, pp
+    or expert parallelism the model is built on the meta device and each rank draws only its shards of its own
+    stage's layers (rank_params; neox/parallel/materialize.py), a 128 x 128 tile at a time, except that an orthogonal
+    init draws a whole matrix at a time: then about two copies of the largest one (the matrix and its QR) come on
+    top."""
+    if tp * max(pp, 1) == 1 and cfg.parallel.moe_expert_parallel_size == 1:
         return FP32 * total_params
     m = cfg.model
     orthogonal = {m.init_method, m.output_layer_init_method} & {"orthogonal", "scaled_orthogonal"}
@@ -271,17 +286,21 @@ def model_build_bytes(cfg: NeoXConfig, rank_params: int, total_params: int, tp: 
     return FP32 * (rank_params + (2 * largest if orthogonal else 0))
 
 
-def save_host_bytes(cfg: NeoXConfig, params: int, dp: int, engine_state: int, on_gpu: bool) -> int:
+def save_host_bytes(cfg: NeoXConfig, params: int, dp: int, engine_state: int, on_gpu: bool,
+                    expert_params: int = 0) -> int:
     """Host memory a checkpoint save adds on a rank. The layout-free shard is the fp32 value and both Adam moments of
-    the rank's 1/dp of its parameters (ZeRO's partition, or its slice of the replica at ZeRO 0). A synchronous save
-    writes it from where it lives: nothing on a CPU, one staging buffer (shard_files.BUFFER_BYTES) from a GPU.
-    checkpoint_async copies it to host memory, and DeepSpeed's state too (engine_state: the module's weights, which
-    the first dp rank writes, and the rank's optimizer states), while training goes on."""
+    the rank's 1/dp of its parameters (ZeRO's partition, or its slice of the replica at ZeRO 0; of expert_params,
+    its expert-parallel experts, 1/(dp/ep)). A synchronous save writes it from where it lives: nothing on a CPU, one
+    staging buffer (shard_files.BUFFER_BYTES) from a GPU. checkpoint_async copies it to host memory, and DeepSpeed's
+    state too (engine_state: the module's weights, which the first dp rank writes, and the rank's optimizer states),
+    while training goes on. An expert-parallel run writes no DeepSpeed files: its state is the layout-free copy."""
     t = cfg.train
     if t.save is None:
         return 0
-    layout_free = t.checkpoint_layout_free or t.no_save_optim
-    shard = (FP32 if t.no_save_optim else 3 * FP32) * -(-params // dp) if layout_free else 0
+    ep = cfg.parallel.moe_expert_parallel_size
+    layout_free = t.checkpoint_layout_free or t.no_save_optim or ep > 1
+    elements = zero_shard(params, expert_params, dp, ep)
+    shard = (FP32 if t.no_save_optim else 3 * FP32) * elements if layout_free else 0
     if not getattr(t, "checkpoint_async", False):
         return min(shard, BUFFER_BYTES) if on_gpu else 0
-    return shard + (0 if t.no_save_optim else engine_state)  # no_save_optim writes no DeepSpeed files
+    return shard + (0 if t.no_save_optim or ep > 1 else engine_state)  # those write no DeepSpeed files

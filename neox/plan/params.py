@@ -6,7 +6,10 @@ the embedding table on the last stage. Per-head tables (qk norms, the T5 bias ow
 every tp rank; a layer sharing an earlier layer's parameters (num_unique_layers) counts none of its own. A MoE
 layer's MLP is its router (replicated), E experts (each split over tp as the dense MLP is) and the optional shared
 expert and its gate; a token uses k of the E experts, so the active parameters (FLOPs, MFU) leave out the other
-E - k (neox/model/moe.py:inactive_params). Stages are cut by DeepSpeed's own functions, with
+E - k (neox/model/moe.py:inactive_params). With expert parallelism (moe_expert_parallel_size = ep) a rank holds
+E/ep of each MoE layer's experts, each split over tp as before (neox/parallel/expert_parallel.py), and the pipeline
+is cut on those per-rank counts (the experts are cut before the stages are). Stages are cut by DeepSpeed's own
+functions, with
 the weights its PipelineModule gives them: 'parameters' a layer's parameter count, 'type:REGEX' 1 for a layer whose
 class name matches and 0 otherwise (partition_balanced); 'uniform' the layer count (partition_uniform).
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from neox.config.errors import ConfigError
 from neox.config.model import ModelConfig
-from neox.model.moe import expert_params, inactive_params
+from neox.model.moe import expert_params, inactive_params, params_per_expert
 from neox.parallel.stages import partition_layers
 
 # Class names of the pipeline's layers, which 'type:REGEX' partitioning matches (case-insensitive).
@@ -32,8 +35,9 @@ class LayerParams:
 
     kind: str
     full: int
-    per_tp_rank: int
+    per_tp_rank: int  # on one rank: its tp shard, and with expert parallelism only its E/ep experts
     moe: bool = False  # a transformer block whose MLP is a mixture of experts
+    experts_per_rank: int = 0  # the routed experts' part of per_tp_rank (what ZeRO partitions over dp/ep)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class StageParams:
     def moe_blocks(self) -> int:
         return sum(layer.kind == BLOCK_LAYER and layer.moe for layer in self.layers)
 
+    @property
+    def expert_params(self) -> int:
+        """The routed experts' parameters on one rank of the stage (included in `params`)."""
+        return sum(layer.experts_per_rank for layer in self.layers)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class ModelParams:
     active: int  # the parameters one token uses: total less the E - k experts it is not routed to
     experts: int  # the routed experts' parameters (0 without MoE layers)
     experts_per_tp_rank: int
+    experts_per_rank: int = 0  # experts_per_tp_rank / ep: the E/ep experts of each MoE layer on a rank
 
     @property
     def largest_stage(self) -> StageParams:
@@ -113,7 +122,7 @@ def block_params(m: ModelConfig, tp: int, moe: bool = False) -> tuple[int, int]:
     return split + replicated, split // tp + replicated
 
 
-def model_layers(m: ModelConfig, tp: int) -> list[LayerParams]:
+def model_layers(m: ModelConfig, tp: int, ep: int = 1) -> list[LayerParams]:
     if m.padded_vocab_size is None:
         raise ConfigError("the plan needs the vocabulary size: give a tokenizer that builds ('vocab_file', "
                           "'merge_file') or set 'padded_vocab_size'")
@@ -124,25 +133,32 @@ def model_layers(m: ModelConfig, tp: int) -> list[LayerParams]:
     layers = [LayerParams(EMBEDDING_LAYER, table + positions, table // tp + positions)]
     # A layer sharing the parameters of an earlier one (num_unique_layers) holds none of its own.
     moe_layers = set(m.moe_layer_indices)
+    routed = m.moe_num_experts * params_per_expert(m) // tp  # one MoE layer's experts on one tp rank
     for layer, owner in enumerate(m.layer_owners):
         moe = layer in moe_layers
-        counts = block_params(m, tp, moe) if owner == layer else (0, 0)
-        layers.append(LayerParams(BLOCK_LAYER, *counts, moe=moe))
+        full, per_tp_rank = block_params(m, tp, moe) if owner == layer else (0, 0)
+        experts = routed // ep if moe and owner == layer else 0
+        if experts:  # the rank keeps E/ep of them (dim 0 of each expert tensor)
+            per_tp_rank -= routed - experts
+        layers.append(LayerParams(BLOCK_LAYER, full, per_tp_rank, moe=moe, experts_per_rank=experts))
     if m.pos_emb == "rpe":  # the T5 table [buckets, heads], held whole on every tp rank by the first layer
         rpe = m.rpe_num_buckets * m.num_attention_heads
         first = layers[1]
-        layers[1] = LayerParams(BLOCK_LAYER, first.full + rpe, first.per_tp_rank + rpe, first.moe)
+        layers[1] = LayerParams(BLOCK_LAYER, first.full + rpe, first.per_tp_rank + rpe, first.moe,
+                                first.experts_per_rank)
     layers.append(LayerParams(NORM_LAYER, norm, norm))
     # A tied head is the embedding table again (a TiedLayerSpec of the embedding in the pipeline).
     layers.append(LayerParams(EMBEDDING_LAYER if not m.no_weight_tying else HEAD_LAYER, table, table // tp))
     return layers
 
 
-def model_params(m: ModelConfig, tp: int, pp: int, partition_method: str) -> ModelParams:
-    layers = model_layers(m, tp)
+def model_params(m: ModelConfig, tp: int, pp: int, partition_method: str, ep: int = 1) -> ModelParams:
+    """ep: moe_expert_parallel_size (each rank holds E/ep of every MoE layer's experts)."""
+    layers = model_layers(m, tp, ep)
     total = sum(layer.full for layer in layers) - (0 if m.no_weight_tying else layers[-1].full)
     experts = expert_params(m)
-    moe = dict(active=total - inactive_params(m), experts=experts, experts_per_tp_rank=experts // tp)
+    moe = dict(active=total - inactive_params(m), experts=experts, experts_per_tp_rank=experts // tp,
+               experts_per_rank=experts // tp // ep)
     if pp <= 1:
         stage_layers = [layers] if m.no_weight_tying else [layers[:-1]]  # one stage holds one table
         return ModelParams(total, (StageParams(0, tuple(stage_layers[0]), True, True),), **moe)

@@ -9,6 +9,7 @@ from neox.config.errors import ConfigError
 from neox.config.neox_config import NeoXConfig
 from neox.train.accelerators import Accelerator, find_accelerator, peak_for
 from neox.plan.baseline import Baseline, gpu_baseline, measure_cpu_baseline
+from neox.plan.experts import ExpertLayout, expert_layout
 from neox.plan.memory import RankMemory, rank_memory
 from neox.plan.params import ModelParams, model_params
 from neox.plan.throughput import Throughput, throughput
@@ -52,6 +53,7 @@ class Plan:
     baseline: Baseline
     peak: Peak
     throughput: Throughput
+    experts: ExpertLayout | None = None  # a MoE model: experts per rank and the all-to-all volume per step
 
     @property
     def largest_stage_params(self) -> int:
@@ -73,7 +75,8 @@ def build_plan(cfg: NeoXConfig, options: PlanOptions) -> Plan:
                           "(or 'train_batch_size')")
     par, derived = cfg.parallel, cfg.derived
     tp, pp, dp = par.model_parallel_size, par.pipe_stages, derived.data_parallel_size
-    params = model_params(cfg.model, tp, pp if par.pipe_parallel_size >= 1 else 1, par.pipe_partition_method)
+    params = model_params(cfg.model, tp, pp if par.pipe_parallel_size >= 1 else 1, par.pipe_partition_method,
+                          par.moe_expert_parallel_size)
     accelerator = find_accelerator(options.accelerator) if options.accelerator else None
     if accelerator is not None:
         baseline = gpu_baseline()
@@ -91,7 +94,7 @@ def build_plan(cfg: NeoXConfig, options: PlanOptions) -> Plan:
                               framework_bytes=baseline.bytes, total_params=params.total) for stage in params.stages)
     peak = choose_peak(cfg, accelerator)
     return Plan(cfg, params, ranks, accelerator, capacity, capacity_source, baseline, peak,
-                throughput(cfg, params.total, peak.flops, options.mfu))
+                throughput(cfg, params.total, peak.flops, options.mfu), expert_layout(cfg, params.stages))
 
 
 def check_cpu_plan(cfg: NeoXConfig) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from neox.checkpoint.shard_files import BUFFER_BYTES
-from neox.plan.memory import RankMemory, model_build_bytes
+from neox.plan.memory import DTYPE_BYTES, RankMemory, model_build_bytes
 from neox.plan.plan import Plan
 
 GIB = 1024 ** 3
@@ -35,7 +35,9 @@ def format_plan(plan: Plan) -> str:
     lines = [f"deepy plan: {' '.join(cfg.sources)}"]
     device = plan.accelerator.name if plan.accelerator else "CPU (this machine)"
     lines.append(f"layout       world {d.world_size} = {d.node_count} node(s) x {per_node} rank(s) on {device}; "
-                 f"dp {d.data_parallel_size} x tp {tp} x pp {pp}; ZeRO stage {o.zero_stage}; {o.precision}")
+                 f"dp {d.data_parallel_size} x tp {tp} x pp {pp}; "
+                 + (f"ep {plan.experts.ep} (experts split over dp); " if plan.experts and plan.experts.ep > 1 else "")
+                 + f"ZeRO stage {o.zero_stage}; {o.precision}")
     lines.append(f"batch        micro-batch {t.train_micro_batch_size_per_gpu} x grad-accum "
                  f"{t.gradient_accumulation_steps} x dp {d.data_parallel_size} = global batch {t.train_batch_size} "
                  f"sequences x {m.seq_length} tokens = {thr.tokens_per_step:,} tokens/step")
@@ -64,19 +66,51 @@ def format_plan(plan: Plan) -> str:
 
 
 def _experts(plan: Plan) -> list[str]:
-    """A MoE model: the parameters a token uses, and the experts' share of the model and of a rank."""
-    params, m = plan.params, plan.cfg.model
-    if not params.experts:
+    """A MoE model: the parameters a token uses, the experts' share of the model and of a rank, where their
+    gradients and optimizer states are reduced and partitioned, and the expert-parallel all-to-all per step."""
+    params, m, layout = plan.params, plan.cfg.model, plan.experts
+    if not params.experts or layout is None:
         return []
-    tp = plan.cfg.parallel.model_parallel_size
-    bytes_per = {"fp32": 4, "fp16": 2, "bfloat16": 2}[plan.cfg.optim.precision]
-    return [f"             {params.active:,} active per token: top-{m.moe_top_k} of {m.moe_num_experts} experts in "
-            f"{len(m.moe_layer_indices)} MoE layer(s)" + (f", plus {m.moe_num_shared_experts} shared"
-                                                          if m.moe_num_shared_experts else ""),
-            f"experts      {params.experts:,} parameters ({params.experts / params.total:.0%} of the model); "
-            f"{params.experts_per_tp_rank:,} per rank" + (f" (each expert split over the {tp} tp ranks)" if tp > 1
-                                                          else "") + ", "
-            f"{gib(params.experts_per_tp_rank * bytes_per)} of {plan.cfg.optim.precision} weights"]
+    tp, ep, e = plan.cfg.parallel.model_parallel_size, layout.ep, m.moe_num_experts
+    bytes_per = DTYPE_BYTES[plan.cfg.optim.precision]
+    split = f"split over the {tp} tp ranks" if tp > 1 else ""
+    if ep > 1:
+        where = f" (E/ep = {layout.experts_per_rank} of the {e} experts of each MoE layer on each rank" + \
+                (f", each {split})" if split else ")")
+    else:
+        where = f" (each expert {split})" if split else ""
+    lines = [f"             {params.active:,} active per token: top-{m.moe_top_k} of {e} experts in "
+             f"{len(m.moe_layer_indices)} MoE layer(s)" + (f", plus {m.moe_num_shared_experts} shared"
+                                                           if m.moe_num_shared_experts else ""),
+             f"experts      {params.experts:,} parameters ({params.experts / params.total:.0%} of the model); "
+             f"{params.experts_per_rank:,} per rank{where}, {gib(params.experts_per_rank * bytes_per)} of "
+             f"{plan.cfg.optim.precision} weights"]
+    if ep > 1:
+        zero, dp = plan.cfg.optim.zero_stage, plan.cfg.derived.data_parallel_size
+        partitioned = (f", which also share their ZeRO-{zero} partition of gradients and optimizer states" if zero
+                       else "")
+        lines.append(f"             expert gradients are averaged over the dp/ep = {layout.expert_dp} rank(s) holding "
+                     f"the same experts{partitioned}; the other parameters' over dp {dp}")
+    return lines + _all_to_all(plan)
+
+
+def _all_to_all(plan: Plan) -> list[str]:
+    layout, m, t = plan.experts, plan.cfg.model, plan.cfg.train
+    if layout.ep == 1:
+        return [f"all-to-all   none (moe_expert_parallel_size 1: every rank holds all {m.moe_num_experts} experts)"]
+    busiest = max(layout.stages, key=lambda stage: stage.bytes_sent)
+    recomputed = ", + 2 recomputed" if busiest.row_exchanges > 4 else ""
+    lines = [f"all-to-all   {busiest.bytes_sent:,} bytes ({gib(busiest.bytes_sent)}) sent per rank per step under "
+             f"uniform routing, where (ep-1)/ep = {layout.ep - 1}/{layout.ep} of the rows leave the rank:",
+             f"             {busiest.moe_layers} MoE layer(s) x {t.gradient_accumulation_steps} micro-batch(es) x "
+             f"[{busiest.row_exchanges} exchanges (tokens to their experts and back, forward and backward"
+             f"{recomputed}) x {layout.tokens:,} tokens x top-{m.moe_top_k} x {m.hidden_size} hidden x "
+             f"{DTYPE_BYTES[plan.cfg.optim.precision]} bytes + {busiest.count_exchanges} x {m.moe_num_experts} "
+             f"int64 row counts] x {layout.ep - 1}/{layout.ep}"]
+    if len(layout.stages) > 1:
+        lines.append("             per pipeline stage: " + ", ".join(f"stage {s.stage} {gib(s.bytes_sent)}"
+                                                                      for s in layout.stages))
+    return lines
 
 
 def _memory_table(plan: Plan) -> list[str]:
@@ -129,8 +163,9 @@ def _memory_table(plan: Plan) -> list[str]:
         build = model_build_bytes(plan.cfg, plan.params.largest_stage.params, plan.params.total,
                                   par.model_parallel_size, par.pipe_parallel_size)
         per_node = plan.cfg.derived.world_size // max(plan.cfg.derived.node_count, 1)
-        how = ("the whole fp32 model" if par.model_parallel_size * max(par.pipe_parallel_size, 1) == 1 else
-               "only its fp32 tp shards of its stage's layers, drawn alone into a meta-device model")
+        whole = par.model_parallel_size * max(par.pipe_parallel_size, 1) == 1 and par.moe_expert_parallel_size == 1
+        how = ("the whole fp32 model" if whole else
+               "only its fp32 tp/ep shards of its stage's layers, drawn alone into a meta-device model")
         lines.append(f"host RAM at start-up: each rank builds {how}: {gib(build)} per rank, "
                      f"{gib(build * per_node)} per node of {per_node}")
     return lines
@@ -141,12 +176,14 @@ def _checkpoint_line(plan: Plan) -> list[str]:
     if t.save is None:
         return []
     most = max(r.save_host for r in plan.ranks)
+    expert_parallel = plan.cfg.parallel.moe_expert_parallel_size > 1  # its state is the layout-free copy alone
     if t.checkpoint_async:
-        how = ("checkpoint_async: each rank copies its layout-free shard and DeepSpeed's state to host memory, then "
-               "trains on while a thread writes them")
+        what = "its layout-free shard" if expert_parallel else "its layout-free shard and DeepSpeed's state"
+        how = f"checkpoint_async: each rank copies {what} to host memory, then trains on while a thread writes them"
     else:
-        how = ("each rank writes its own layout-free shard (1/dp of its fp32 weights + Adam moments) from the "
-               "engine's memory" + (", through one staging buffer" if plan.accelerator is not None else ""))
+        experts = ", of its experts' 1/(dp/ep)" if expert_parallel else ""
+        how = (f"each rank writes its own layout-free shard (1/dp of its fp32 weights + Adam moments{experts}) from "
+               "the engine's memory" + (", through one staging buffer" if plan.accelerator is not None else ""))
     # A resume at another layout preads each rank's own ranges straight into its tensors (via one staging buffer
     # when they are on a GPU): neox/checkpoint/shard_files.py.
     load = BUFFER_BYTES if plan.accelerator is not None else 0

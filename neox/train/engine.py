@@ -103,7 +103,8 @@ def build_train_engine(cfg: NeoXConfig, model: torch.nn.Module, device: torch.de
                        objective: Objective) -> TrainEngine | ParallelTrainEngine:
     """The engine of a run's layout: DeepSpeed's pipeline engine over tensor/pipeline shards when the run is
     model-parallel (model may then be a meta-device structure: each rank initialises its own shard), else the
-    plain DeepSpeed engine over the whole model."""
-    if cfg.parallel.is_model_parallel:
+    plain DeepSpeed engine over the whole model. Expert parallelism (ranks holding different experts) is
+    neox.parallel's layout too."""
+    if cfg.parallel.shards_parameters:
         return ParallelTrainEngine(cfg, model, device, topo, objective)
     return TrainEngine(cfg, model, device, objective)

@@ -35,7 +35,7 @@ from neox.parallel.materialize import meta_model
 from neox.parallel import rank_status
 from neox.parallel.runtime import Runtime, all_reduce_mean, barrier
 from neox.parallel.rng import dropout_seed
-from neox.parallel.topology import build_topology
+from neox.parallel.topology import topology_for
 from neox.tokenizer import TokenizerError, build_tokenizer
 from neox.checkpoint.consolidated import is_consolidated, read_consolidated
 from neox.checkpoint.gpt_neox import GptNeoxCheckpoint, open_gpt_neox_checkpoint
@@ -119,7 +119,7 @@ class Trainer:
         self.grad_accum = train.gradient_accumulation_steps
         self.global_batch = train.train_batch_size
         # dp x tp x pp process groups; tp ranks of one dp replica read the same micro-batches.
-        self.topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
+        self.topo = topology_for(cfg.parallel)
         self.dp_rank, self.dp_size = self.topo.dp_rank, self.topo.dp_size
         self.seq_length = cfg.model.seq_length
         if train.train_epochs is not None:
@@ -153,7 +153,7 @@ class Trainer:
         self.lora_base: Path | None = None  # a LoRA run's frozen base, named in each of its checkpoints
         if self.lora is not None:
             model = self._lora_model()
-        elif cfg.parallel.is_model_parallel and not from_consolidated:
+        elif cfg.parallel.shards_parameters and not from_consolidated:
             # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
             model = meta_model(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))
         else:
@@ -370,10 +370,12 @@ class Trainer:
         ckpt_dir = load_dir / tag
         saved_layout = layout_state.layout_of(load_resolved(ckpt_dir / "config.yml"))
         same_layout = saved_layout == layout_state.layout_of(self.cfg)
-        # no_save_optim wrote no DeepSpeed files and no optimizer state: its weights are the layout-free copy.
+        # no_save_optim wrote no DeepSpeed files and no optimizer state: its weights are the layout-free copy. An
+        # expert-parallel run writes no DeepSpeed files either: its whole state is the layout-free copy.
         engine_files = engine_state.has_engine_state(ckpt_dir)
+        optimizer_saved = engine_files or layout_state.has_optimizer_state(ckpt_dir)
         # As gpt-neox: the optimizer and the LR schedule are loaded together, or neither.
-        load_optim = engine_files and not train.finetune and not train.no_load_optim
+        load_optim = optimizer_saved and not train.finetune and not train.no_load_optim
         # no_load_optim takes the exact fp32 weights of the layout-free copy where there is one (DeepSpeed's
         # module-only load of a ZeRO-3 checkpoint would read the files of the tag in `latest`, not of this one).
         # A re-padded vocabulary (self.repad) no longer fits DeepSpeed's files: the layout-free copy is re-padded.
@@ -400,7 +402,7 @@ class Trainer:
         if self.rt.rank == 0:
             mode = f"resuming at iteration {iteration}"
             if not load_optim:
-                why = "no_load_optim" if engine_files else "the checkpoint was saved with no_save_optim"
+                why = "no_load_optim" if optimizer_saved else "the checkpoint was saved with no_save_optim"
                 mode += f" with a fresh optimizer and LR schedule ({why})"
             print(f"loaded checkpoint {ckpt_dir}: {mode}", flush=True)
 
@@ -531,11 +533,15 @@ class Trainer:
             text = forward_check.reference_text(self.micro_batch, self.seq_length, self.tokenizer.vocab_size)
             forward = (text, forward_check.forward_loss(self.train_engine, text, self.grad_accum))
 
+        # DeepSpeed's files cannot hold expert-parallel shards under our names (its engine keeps only dp rank 0's
+        # module and its own MoE files expect its own MoE layers): such a run's state is the layout-free copy alone.
+        expert_parallel = self.topo.ep_size > 1
+
         def write_extra(ckpt_dir: Path, submit) -> None:
             # Without it (checkpoint_layout_free: false) tools/reshard_checkpoint.py rebuilds it offline when
             # needed; with no_save_optim it is the checkpoint's only copy of the weights. Each rank writes its own
             # shard (submit: to the background writer of checkpoint_async).
-            if train.checkpoint_layout_free or train.no_save_optim:
+            if train.checkpoint_layout_free or train.no_save_optim or expert_parallel:
                 layout_state.save_layout_free_state(ckpt_dir, self.engine,
                                                     layout_state.param_names_of(self.train_engine), self.topo,
                                                     client_state, with_moments=not train.no_save_optim,
@@ -546,7 +552,8 @@ class Trainer:
                 write_base_record(ckpt_dir, self.lora_base)  # the checkpoint holds the adapters only
 
         stall = self.saver.save(self.engine, Path(train.save), self.progress.iteration, client_state, run_files,
-                                train.keep_last_n_checkpoints, write_extra, engine_state=not train.no_save_optim,
+                                train.keep_last_n_checkpoints, write_extra,
+                                engine_state=not train.no_save_optim and not expert_parallel,
                                 save_rng=not train.no_save_rng, config_files=train.config_files)
         self._last_saved = self.progress.iteration
         if self.rt.rank == 0 and train.checkpoint_async:

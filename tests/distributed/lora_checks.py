@@ -102,24 +102,32 @@ def _steps(cfg, topo, engine, batches) -> list[tuple[float, float]]:
     return records
 
 
-def _adapters(cfg, topo, model) -> dict[str, torch.Tensor]:
-    """The trained adapters, merged over tp by the sharding plan."""
+def _adapters(cfg, topo, model, engine) -> dict[str, torch.Tensor]:
+    """The trained adapters, merged over tp by the sharding plan (and over pipeline stages)."""
     from neox.parallel.sharding import merge_state_dicts
 
+    # A pipeline stage trains only the parameters of its own layers (the model's others are stale copies).
+    trained = [(n, p) for n, p in model.named_parameters()
+               if p.requires_grad and id(p) in {id(q) for q in engine.engine.module.parameters()}]
     if cfg.optim.zero_stage == 3:  # each parameter's partitions, gathered
         from deepspeed.utils import safe_get_full_fp32_param
-        local = {n: safe_get_full_fp32_param(p).clone() for n, p in model.named_parameters() if p.requires_grad}
+        local = {n: safe_get_full_fp32_param(p).clone() for n, p in trained}
     else:
-        local = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        local = {n: p.detach().clone() for n, p in trained}
     gathered: list = [None] * topo.tp_size
     dist.all_gather_object(gathered, local, group=topo.tp_group)
-    return merge_state_dicts(gathered)
+    merged = merge_state_dicts(gathered)
+    if topo.pp_size > 1:  # each stage holds its own layers' adapters
+        stages: list = [None] * topo.pp_size
+        dist.all_gather_object(stages, merged, group=topo.grid.get_pipe_parallel_group())
+        merged = {name: t for stage in stages for name, t in stage.items()}
+    return merged
 
 
-def training(work: str, first: tuple[str, dict], resumed: tuple[str, dict]) -> dict:
+def training(work: str, first: tuple[str, dict], *resumed: tuple[str, dict]) -> dict:
     """The first layout trains every step, writing the layout-free state (adapters and their Adam moments) after
-    step 2; the second, another layout, loads it and trains the remaining steps. Per-step (loss, grad_norm) and the
-    trained adapters of each, and the names the checkpoint holds."""
+    step 2; each other layout loads it and trains the remaining steps. Per-step (loss, grad_norm) and the trained
+    adapters of each, and the names the checkpoint holds."""
     from neox.checkpoint.layout_state import (load_layout_free_state, param_names_of, read_layout_free_state,
                                               save_layout_free_state)
 
@@ -128,11 +136,12 @@ def training(work: str, first: tuple[str, dict], resumed: tuple[str, dict]) -> d
     records = _steps(cfg, topo, engine, batches[:2])
     save_layout_free_state(ckpt, engine.engine, param_names_of(engine), topo, {"iteration": 2})
     records += _steps(cfg, topo, engine, batches[2:])
-    out = {first[0]: {"records": records, "adapters": _adapters(cfg, topo, model)},
+    out = {first[0]: {"records": records, "adapters": _adapters(cfg, topo, model, engine)},
            "saved": sorted(read_layout_free_state(ckpt).weights)}
-    cfg, topo, model, engine = _engine(work, resumed[0], resumed[1])
-    load_layout_free_state(engine.engine, param_names_of(engine), topo, ckpt)
-    out[resumed[0]] = {"records": _steps(cfg, topo, engine, batches[2:]), "adapters": _adapters(cfg, topo, model)}
+    for name, layout in resumed:
+        cfg, topo, model, engine = _engine(work, name, layout)
+        load_layout_free_state(engine.engine, param_names_of(engine), topo, ckpt)
+        out[name] = {"records": _steps(cfg, topo, engine, batches[2:]), "adapters": _adapters(cfg, topo, model, engine)}
     return out
 
 

@@ -42,6 +42,14 @@ LAYOUTS = {
     "pp2": {"pipe_parallel_size": 2, "pipe_partition_method": "type:transformer"},
 }
 
+# Expert parallelism composed with tp and with a pipeline (4 ranks: ep2 inside dp2); ep alone trains through
+# `deepy train` in tests/e2e/test_moe_expert_parallel.py.
+EP_LAYOUTS = {
+    "tp2xep2": {"num_gpus": 4, "model_parallel_size": 2, "moe_expert_parallel_size": 2},
+    "pp2xep2-zero1": {"num_gpus": 4, "pipe_parallel_size": 2, "pipe_partition_method": "type:transformer",
+                      "moe_expert_parallel_size": 2, "zero_optimization": {"stage": 1}},
+}
+
 
 def _batches() -> list[dict[str, torch.Tensor]]:
     """The same micro-batches on every rank (dp2 then averages two identical halves)."""
@@ -80,9 +88,8 @@ def reference_step(cfg_model) -> dict:
 
 def _engine_step(work: Path, name: str, layout: dict) -> dict:
     from neox.config import load_config
-    from neox.parallel.engine import ParallelTrainEngine
-    from neox.parallel.topology import build_topology
-    from neox.train.engine import TrainEngine
+    from neox.parallel.topology import topology_for
+    from neox.train.engine import build_train_engine
     from neox.train.moe_metrics import MoEMetrics
     from neox.train.objectives import LanguageModelObjective
 
@@ -93,14 +100,10 @@ def _engine_step(work: Path, name: str, layout: dict) -> dict:
     cfg = load_config([path], vocab_size=VOCAB)
     torch.manual_seed(5)
     model = GPTNeoX(cfg.model)
-    if cfg.parallel.is_model_parallel:
-        topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
-        engine = ParallelTrainEngine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
-        tp_rank = topo.tp_rank
-    else:
-        engine, tp_rank = TrainEngine(cfg, model, torch.device("cpu"), LanguageModelObjective()), 0
+    topo = topology_for(cfg.parallel)
+    engine = build_train_engine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
     loss, norm = engine.step(iter(_batches()), ACCUM, 1.0e-3)
-    metrics = MoEMetrics(model, cfg.model, tp_rank, torch.device("cpu")).collect()
+    metrics = MoEMetrics(model, cfg.model, topo.tp_rank, torch.device("cpu")).collect()
     return {"loss": float(loss), "grad_norm": norm, "metrics": metrics, "reference": reference_step(cfg.model)}
 
 
@@ -110,3 +113,7 @@ def moe_layouts(work: str) -> dict:
         "meta": tp_checks.meta_build_matches_full_build(TP_VARIANTS),
         **{name: _engine_step(Path(work), name, layout) for name, layout in LAYOUTS.items()},
     }
+
+
+def moe_ep_layouts(work: str) -> dict:
+    return {name: _engine_step(Path(work), name, layout) for name, layout in EP_LAYOUTS.items()}

@@ -193,22 +193,16 @@ def train_steps(train_engine, objective: str, dp_rank: int = 0, dp_size: int = 1
 def neox_run(objective: str, extra: dict | None = None, ranks: int = 1) -> list[dict]:
     """The objective's STEPS steps at this process's layout (extra: the layout keys), from initial_weights."""
     from neox.model import GPTNeoX
-    from neox.parallel.engine import ParallelTrainEngine
-    from neox.parallel.topology import build_topology
-    from neox.train.engine import TrainEngine
+    from neox.parallel.topology import topology_for
+    from neox.train.engine import build_train_engine
     from neox.train.objectives import build_objective
 
     cfg = config(objective, extra, ranks)
     model = GPTNeoX(cfg.model, value_head=objective == "rm")
     model.load_state_dict(initial_weights(objective))
-    if cfg.parallel.is_model_parallel:
-        topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
-        engine = ParallelTrainEngine(cfg, model, torch.device("cpu"), topo, build_objective(cfg))
-        dp_rank, dp_size = topo.dp_rank, topo.dp_size
-    else:
-        engine = TrainEngine(cfg, model, torch.device("cpu"), build_objective(cfg))
-        dp_rank, dp_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return train_steps(engine, objective, dp_rank, dp_size)
+    topo = topology_for(cfg.parallel)
+    engine = build_train_engine(cfg, model, torch.device("cpu"), topo, build_objective(cfg))
+    return train_steps(engine, objective, topo.dp_rank, topo.dp_size)
 
 
 def _model_parallel(layout: dict) -> bool:

@@ -63,7 +63,7 @@ def everything(work: str, variants: dict[str, dict], dropout_cfg: dict, layouts:
     out["training"] = train_layouts(work, layouts)
     if lora is not None:
         out["lora"] = {"layers": {n: lora_checks.layers(topo, c) for n, c in lora["variants"].items()},
-                       "training": lora_checks.training(work, lora["first"], lora["resumed"])}
+                       "training": lora_checks.training(work, lora["first"], *lora["resumed"])}
     return out
 
 

@@ -149,18 +149,15 @@ def trl_losses(paths: dict[str, str]) -> dict:
 
 def _engine(cfg, paths: dict[str, str], objective=None):
     from neox.checkpoint.consolidated import read_consolidated
-    from neox.parallel.engine import ParallelTrainEngine
-    from neox.parallel.topology import build_topology
-    from neox.train.engine import TrainEngine
+    from neox.parallel.topology import topology_for
+    from neox.train.engine import build_train_engine
     from neox.train.objectives import build_objective
 
-    topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
+    topo = topology_for(cfg.parallel)
     model = GPTNeoX(cfg.model)
     model.load_state_dict(read_consolidated(paths["neox"])[1])
     objective = objective if objective is not None else build_objective(cfg)
-    if cfg.parallel.is_model_parallel:
-        return ParallelTrainEngine(cfg, model, torch.device("cpu"), topo, objective), topo
-    return TrainEngine(cfg, model, torch.device("cpu"), objective), topo
+    return build_train_engine(cfg, model, torch.device("cpu"), topo, objective), topo
 
 
 def sft_run(paths: dict[str, str], name: str, layout: dict) -> dict:

@@ -50,10 +50,14 @@ LAYOUTS = {
 
 
 # LoRA shares this launch (tests/distributed/lora_checks.py): adapters on a GQA / SwiGLU model at tp2 and tp2 + sequence
-# parallelism; training at tp2 x dp2 ZeRO-2, resumed after step 2 at tp2 x dp2 + sequence parallelism ZeRO-3.
+# parallelism; training at tp2 x dp2 ZeRO-2, resumed after step 2 at tp2 x dp2 + sequence parallelism ZeRO-3 and at
+# pp2 x dp2 ZeRO-1 (each pipeline stage trains its own layers' adapters).
 LORA = {"variants": {"gqa-swiglu-rmsnorm": {"num_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm"}},
         "first": ("tp2xdp2-zero2", {**TP2, "zero_optimization": {"stage": 2}}),
-        "resumed": ("tp2xdp2-sp-zero3", {**TP2, "sequence_parallel": True, "zero_optimization": {"stage": 3}})}
+        "resumed": [("tp2xdp2-sp-zero3", {**TP2, "sequence_parallel": True, "zero_optimization": {"stage": 3}}),
+                    ("pp2xdp2-zero1", {"pipe_parallel_size": 2, "pipe_partition_method": "type:transformer",
+                                       "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                                       "zero_optimization": {"stage": 1}})]}
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +145,13 @@ def test_lora_adapters_split_with_their_base_layers_equal_one_device(results):
 def test_lora_training_at_tp2_zero2_and_resumed_at_another_layout_equals_one_process(results, tmp_path):
     from tests.distributed import lora_checks
 
-    trained, (first, _), (resumed, _) = results["lora"]["training"], LORA["first"], LORA["resumed"]
+    trained, (first, _) = results["lora"]["training"], LORA["first"]
     reference = lora_checks.reference_training(str(tmp_path))
     # the layout-free state holds the adapters alone: the base comes from the checkpoint the run names
     assert trained["saved"] == sorted(reference["adapters"])
     assert reference["optimized"] == sum(t.numel() for t in reference["adapters"].values()) < reference["all_params"] / 5
-    for layout, steps in ((first, reference["records"]), (resumed, reference["records"][2:])):
+    resumed = [(name, reference["records"][2:]) for name, _ in LORA["resumed"]]
+    for layout, steps in [(first, reference["records"]), *resumed]:
         records = trained[layout]["records"]
         worst = max(max(_relative(a[0], b[0]), _relative(a[1], b[1])) for a, b in zip(records, steps))
         adapter_err = max((trained[layout]["adapters"][k] - v).abs().max().item()

@@ -2,7 +2,9 @@
 MixtralForCausalLM and Qwen2MoeForCausalLM (shared expert, a dense layer) made by transformers itself: the neox
 forward gives transformers' logits within 1e-5, HF -> neox -> HF writes the same tensors, and on the converted Mixtral
 `deepy generate` (greedy, KV cache) and `deepy eval` (in process) give transformers' greedy tokens and lm_eval's `hf`
-model accuracies. At tp 1 only: expert parallelism is not built (no moe_expert_parallel_size key)."""
+model accuracies. At ep 2 (moe_expert_parallel_size): the converted Mixtral and Qwen2-MoE with their experts split over
+two in-process ranks that exchange tokens give transformers' logits for each rank's own batch, and a 2-rank `deepy
+train` at ep 2 started from the converted Mixtral saves a checkpoint that converts back to the identical HF model."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +20,15 @@ from neox.checkpoint.hf_export import export_to_hf
 from neox.checkpoint.hf_import import convert_hf_to_neox
 from neox.config.errors import ConfigError
 from neox.config.load import load_config
+from neox.config.resolved import load_resolved
 from neox.model import GPTNeoX
 from neox.model.hf import check_exportable, from_hf_state_dict, to_hf_state_dict
 from neox.parallel.runtime import Runtime
+from neox.parallel.testing import run_distributed
+from tests.distributed import hf_moe_ep_checks
 from tests.e2e.test_hf_convert import NEOX20B_VOCAB, hf_logits, make_hf_model
+from tests.e2e.train_helpers import deepy_train
+from tools import convert_neox_to_hf, preprocess_data
 
 TINY = dict(vocab_size=NEOX20B_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128, tie_word_embeddings=False)
@@ -167,3 +174,65 @@ def test_generate_and_eval_on_a_converted_mixtral_equal_transformers(converted, 
                 for i, args in enumerate([(PROMPTS[0], " the heaven and the earth"), (PROMPTS[1], ", saying")])]
     for (a, greedy_a), (b, greedy_b) in zip(neox_lm.loglikelihood(requests), hf_lm.loglikelihood(requests)):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+
+
+def test_logits_at_ep2_equal_transformers(converted):
+    """The converted Mixtral and Qwen2-MoE split over 2 expert-parallel ranks (2 of the 4 experts each), the ranks
+    feeding different batches so that tokens cross to the other rank's experts and back: each rank's logits are
+    transformers' for its own batch."""
+    archs = ["mixtral", "qwen2_moe"]
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, NEOX20B_VOCAB, (2, 32), generator=generator) for _ in range(2)]
+    results = run_distributed(hf_moe_ep_checks.expert_parallel_logits, 2, [str(converted[a][1]) for a in archs],
+                              batches, timeout_s=300)
+    for arch in archs:
+        _, neox_dir, hf = converted[arch]
+        _, whole = read_consolidated(neox_dir)
+        for rank, per_model in enumerate(results):
+            got = per_model[neox_dir.name]
+            assert got["ep_rank"] == rank and got["blocks"] == (2 if arch == "mixtral" else 1)
+            assert got["experts"] and all(torch.equal(shard, whole[name][2 * rank: 2 * rank + 2])
+                                          for name, shard in got["experts"].items())
+            assert got["sent"][1 - rank] > 0 and got["sent"][rank] > 0, got["sent"]  # both ways: a real exchange
+            reference = hf_logits(hf, batches[rank])
+            diff = float((got["logits"][..., :NEOX20B_VOCAB] - reference).abs().max())
+            scale = float(reference.abs().max())
+            print(f"{arch} ep2 rank {rank}: max |neox - transformers| logit = {diff:.2e} (logits up to {scale:.1f}, "
+                  f"relative {diff / scale:.1e}); rows sent to ranks 0/1: {got['sent']}")
+            assert diff <= 1e-5 * scale, (arch, rank, diff)
+
+
+def test_round_trip_through_an_ep2_run_is_identical(converted, tmp_path):
+    """`deepy train` on 2 ranks with moe_expert_parallel_size 2, starting from the converted Mixtral (its model.yml:
+    load + finetune), saves its initial weights (extra_save_iters [0]; train_iters 0: no step changes them) as
+    layout-free shards only; tools/convert_neox_to_hf.py turns that checkpoint back into the very HF model."""
+    hf_dir, neox_dir, _ = converted["mixtral"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i}: {prompt}"}) + "\n" for i in range(16) for prompt in PROMPTS))
+    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "data"), "--append-eod",
+                                 "--tokenizer-type", "HFTokenizer",
+                                 "--vocab-file", str(neox_dir / "tokenizer" / "tokenizer.json")]) == 0
+    run = deepy_train(tmp_path / "run", neox_dir / "model.yml", num_gpus=2, zero_stage=0,
+                      extra={"moe_expert_parallel_size": 2, "data_path": tmp_path / "data_text_document",
+                             "seq_length": 32, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                             "train_iters": 0, "extra_save_iters": [0], "eval_iters": 0, "peak_flops": 1.0e11})
+    assert "weights only (finetune)" in run.output and "saved checkpoint" in run.output
+    ckpt = run.save_dir / "global_step0"
+    assert (run.save_dir / "latest").read_text().strip() == "global_step0"
+    assert sorted(p.name for p in (ckpt / "layout_free").glob("rank*.safetensors")) == [
+        "rank00000.safetensors", "rank00001.safetensors"]
+    assert not list(ckpt.glob("*model_states.pt")) and not list(ckpt.glob("*optim_states.pt"))
+    assert load_resolved(ckpt / "config.yml").parallel.moe_expert_parallel_size == 2
+
+    out = tmp_path / "hf"
+    assert convert_neox_to_hf.main(["--checkpoint", str(run.save_dir), "--output", str(out), "--quiet"]) == 0
+    original, again = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(original) == set(again)
+    assert all(original[k].dtype == again[k].dtype and torch.equal(original[k], again[k]) for k in original)
+    # The config too, but for what the export takes from the tokenizer rather than the model (the random model's
+    # special token ids are transformers' defaults, not the neox-20b tokenizer's) and head_dim written out.
+    before, after = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
+    tokens = {"bos_token_id", "eos_token_id", "pad_token_id"}
+    head_dim = before.pop("head_dim", None) or before["hidden_size"] // before["num_attention_heads"]
+    assert after.pop("head_dim") == head_dim
+    assert {k: v for k, v in after.items() if k not in tokens} == {k: v for k, v in before.items() if k not in tokens}

@@ -325,8 +325,10 @@ def test_bad_moe_keys_name_the_key(changes, message):
 @pytest.mark.parametrize(("extra", "message"), [
     ({"sequence_parallel": True, "model_parallel_size": 2, "num_gpus": 2}, "'sequence_parallel' with MoE layers"),
     ({"use_mup": True, "base_shapes_file": "shapes.bsh"}, "'use_mup' with MoE layers"),
-    # Expert parallelism is not built: the key stays unknown, refused at load time by name.
-    ({"moe_expert_parallel_size": 2}, "unknown config key 'moe_expert_parallel_size'"),
+    ({"moe_expert_parallel_size": 2, "num_gpus": 2, "moe_num_experts": 1},
+     "'moe_expert_parallel_size' is 2 but the model has no MoE layers"),
+    ({"moe_expert_parallel_size": 3, "num_gpus": 3}, r"'moe_expert_parallel_size' \(3\) must divide 'moe_num_experts'"),
+    ({"moe_expert_parallel_size": 0}, "'moe_expert_parallel_size' must be an integer >= 1"),
 ])
 def test_moe_combinations_refused_at_load_time_name_the_key(tmp_path, extra, message):
     from neox.config import load_config
@@ -337,6 +339,25 @@ def test_moe_combinations_refused_at_load_time_name_the_key(tmp_path, extra, mes
     path.write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match=message):
         load_config([path], vocab_size=64)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"num_gpus": 2, "model_parallel_size": 2}, r"must divide the data-parallel size \(1 = world size"),
+    ({"num_gpus": 2, "zero_optimization": {"stage": 3}}, "'moe_expert_parallel_size' 2 with ZeRO stage 3"),
+])
+def test_expert_parallel_layout_is_checked_for_training_only(tmp_path, extra, message):
+    """An ep-trained config still evaluates / generates on other layouts: the experts then run whole."""
+    from neox.config import load_config
+    from neox.config.validate import require_for_training
+
+    values = {"num_layers": 2, "hidden_size": H, "num_attention_heads": 2, "seq_length": 8,
+              "max_position_embeddings": 8, "moe_num_experts": 4, "moe_top_k": 2, "moe_expert_parallel_size": 2,
+              "train_iters": 1, "train_micro_batch_size_per_gpu": 1, "data_path": "data", "save": "ckpt", **extra}
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(values))
+    cfg = load_config([path], vocab_size=64)
+    with pytest.raises(ConfigError, match=message):
+        require_for_training(cfg)
 
 
 def test_hugging_face_export_refuses_moe_layers_by_key():
@@ -406,3 +427,15 @@ def test_moe_activation_count_matches_autograd(variant):
     cfg = moe_cfg(**{**VARIANTS[variant], "hidden_size": 64, "num_attention_heads": 8, "seq_length": 32,
                      "moe_intermediate_size": 96, "moe_expert_interval": 1})
     assert layer_activation_elements(cfg, tp=1, moe=True) == pytest.approx(saved_elements_per_token(cfg), rel=0.10)
+
+
+def test_expert_major_order_regroups_arrived_rows_by_local_expert():
+    from neox.parallel.expert_parallel import _expert_major_order
+
+    # rows per (source rank, local expert): source 0 sent 2 rows for expert 0 and 1 for expert 1, source 1 sent 0 and
+    # 3. They arrived source-major: [s0e0, s0e0, s0e1, s1e1, s1e1, s1e1]; expert-major reads s0e0 x2, then s0e1, s1e1.
+    received = torch.tensor([[2, 1], [0, 3]])
+    assert _expert_major_order(received).tolist() == [0, 1, 2, 3, 4, 5]
+    received = torch.tensor([[1, 2], [3, 1]])  # arrived: s0e0 | s0e1 s0e1 | s1e0 x3 | s1e1
+    assert _expert_major_order(received).tolist() == [0, 3, 4, 5, 1, 2, 6]
+    assert _expert_major_order(torch.zeros(2, 2, dtype=torch.long)).tolist() == []
