@@ -1,9 +1,9 @@
 """Expert parallelism through `deepy train` as a user runs it: a MoE model (both layers MoE, 4 experts, top-2, gated
-experts, load-balancing and z losses) trains at ep2 (2 ranks, ZeRO 0) and at ep2 x dp2 (4 ranks, ZeRO 2) like
-one rank for 20 steps: lm_loss, the router losses and the clipped gradient norm within 1e-5 relative. Its
-checkpoints are layout-free only (whole experts, written by the ranks that hold them) and resume at another
-layout: ep2's step 10 continues at tp2 (experts split by hidden units instead), and the one-rank run's step 10
-continues at ep2 under ZeRO 1, each like the run that never stopped."""
+experts, load-balancing and z losses) trains at ep2 (2 ranks, ZeRO 0), at ep2 x dp2 (4 ranks, ZeRO 2) and at tp2
+like one rank for 20 steps: lm_loss, the router losses and the clipped gradient norm within 1e-5 relative. An ep
+run's checkpoints are layout-free only (whole experts, written by the ranks that hold them) and resume at another
+layout: ep2's step 10 continues at tp2 (experts split by hidden units instead), and tp2's step 10 continues at ep2
+under ZeRO 1, each like the run that never stopped."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ import pytest
 from neox.checkpoint.layout_state import consolidated_weights
 from tests.e2e.train_helpers import Launch, deepy_train, preprocess_kjv, write_config
 
-pytestmark = pytest.mark.slow  # five launches, ~70 s on a quiet machine
+pytestmark = pytest.mark.slow  # six launches, ~75 s on a quiet machine
 
 TOLERANCE = 1e-5
 MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_router_type": "topk", "activation": "swiglu",
@@ -115,9 +115,13 @@ def test_ep2_checkpoint_resumes_at_tp2(work, model_config, reference, ep2):
     _assert_trains_like(reference, resumed, "ep2 step 10 -> tp2 (ZeRO 1)", list(range(11, 21)))
 
 
-def test_one_rank_checkpoint_resumes_at_ep2(work, model_config, reference):
-    resumed = deepy_train(work / "one-to-ep2", model_config, num_gpus=2, zero_stage=1,
+def test_tp2_trains_like_one_rank_and_resumes_at_ep2(work, model_config, reference):
+    """tp2 (every expert split by hidden units) for 20 steps; its step 10 continues at ep2 under ZeRO 1."""
+    tp2 = deepy_train(work / "tp2", model_config, num_gpus=2, zero_stage=0,
+                      extra={"model_parallel_size": 2, "save_interval": 10})
+    _assert_trains_like(reference, tp2, "tp2 (ZeRO 0)", list(range(1, 21)))
+    resumed = deepy_train(work / "tp2-to-ep2", model_config, num_gpus=2, zero_stage=1,
                           extra={**EP2, "gradient_accumulation_steps": 2,
-                                 "load": str(_step10(reference, work / "reference-step10"))})
+                                 "load": str(_step10(tp2, work / "tp2-step10"))})
     assert "loaded its layout-free state" in resumed.output and "fresh optimizer" not in resumed.output
-    _assert_trains_like(reference, resumed, "one rank step 10 -> ep2 (ZeRO 1)", list(range(11, 21)))
+    _assert_trains_like(reference, resumed, "tp2 step 10 -> ep2 (ZeRO 1)", list(range(11, 21)))
