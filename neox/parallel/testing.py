@@ -12,13 +12,17 @@ import pickle
 import random
 import socket
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neox.parallel.runtime import init_runtime
+
+if TYPE_CHECKING:
+    from neox.config.neox_config import NeoXConfig
 
 
 class DistributedRunError(RuntimeError):
@@ -98,3 +102,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     if errors:
         raise DistributedRunError("run_distributed failed on " + "\n".join(errors))
     return [collected[r] for r in range(world_size)]
+
+
+def shared_config(path: Path, values: dict[str, Any], vocab_size: int) -> "NeoXConfig":
+    """Collective, inside run_distributed: rank 0 writes `values` as the YAML config at path, every rank loads it."""
+    import yaml
+
+    from neox.config import load_config
+
+    if dist.get_rank() == 0:
+        path.write_text(yaml.safe_dump(values))
+    dist.barrier()
+    return load_config([path], vocab_size=vocab_size)

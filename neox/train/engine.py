@@ -11,11 +11,14 @@ import torch
 
 from neox.config.deepspeed import deepspeed_config
 from neox.config.neox_config import NeoXConfig
+from neox.model import GPTNeoX
+from neox.model.base_shapes import mup_setup
 from neox.model.mup import widths_by_param
 from neox.optim import configured_optimizer, set_lr
 from neox.parallel.activation_checkpoint import install_activation_checkpointing
 from neox.parallel.engine import ParallelTrainEngine
 from neox.parallel.global_batch import GlobalBatchLoss, loss_context, take_micro_batches
+from neox.parallel.materialize import meta_model
 from neox.parallel.moe import AuxLossScale
 from neox.parallel.parallelize import install_grad_norm_clipper
 from neox.parallel.topology import Topology
@@ -108,3 +111,11 @@ def build_train_engine(cfg: NeoXConfig, model: torch.nn.Module, device: torch.de
     if cfg.parallel.shards_parameters:
         return ParallelTrainEngine(cfg, model, device, topo, objective)
     return TrainEngine(cfg, model, device, objective)
+
+
+def initial_model(cfg: NeoXConfig, value_head: bool = False, whole: bool = False) -> GPTNeoX:
+    """The model a run starts from, before build_train_engine: only its structure (the meta device) when the ranks
+    hold different shards of it (ParallelTrainEngine then draws each rank's shards of these same initial values),
+    else the whole initialised model. whole: always the whole model (weights are about to be loaded into it)."""
+    build = meta_model if cfg.parallel.shards_parameters and not whole else GPTNeoX
+    return build(cfg.model, mup_setup(cfg.mup), value_head=value_head)

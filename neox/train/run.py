@@ -28,10 +28,8 @@ from neox.data.char_count import char_level_ppl, eval_text_counts
 from neox.data.loader import MicroBatchSampler, build_loader, eval_consumed_samples
 from neox.data.token_range import check_run_token_ids
 from neox.model import GPTNeoX
-from neox.model.base_shapes import mup_setup
 from neox.model.moe import inactive_params
 from neox.model.value_head import is_reward_model, lm_weights_for_reward_model
-from neox.parallel.materialize import meta_model
 from neox.parallel import rank_status
 from neox.parallel.runtime import Runtime, all_reduce_mean, barrier
 from neox.parallel.rng import dropout_seed
@@ -51,7 +49,7 @@ from neox.train.moe_metrics import MoEMetrics
 from neox.train.metrics import MetricsSinks, flat_run_config, shared_wandb_group, sinks_for_run
 from neox.train.diagnostics import build_diagnostics
 from neox.train.profiling import build_step_profiler
-from neox.train.engine import build_train_engine
+from neox.train.engine import build_train_engine, initial_model
 from neox.train.objectives import build_objective, window_means
 from neox.train.lora_model import build_lora_model, lora_base_dir
 from neox.train import faults, mup_modes, rank_log
@@ -153,11 +151,8 @@ class Trainer:
         self.lora_base: Path | None = None  # a LoRA run's frozen base, named in each of its checkpoints
         if self.lora is not None:
             model = self._lora_model()
-        elif cfg.parallel.shards_parameters and not from_consolidated:
-            # Structure only: ParallelTrainEngine gives each rank its shard of these same initial values.
-            model = meta_model(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))
         else:
-            model = GPTNeoX(cfg.model, mup_setup(cfg.mup), value_head=is_reward_model(cfg))
+            model = initial_model(cfg, value_head=is_reward_model(cfg), whole=from_consolidated)
         if from_consolidated and self.lora is None:
             self._load_consolidated(model, Path(train.load))
         self.num_params = sum(p.numel() for p in model.parameters())

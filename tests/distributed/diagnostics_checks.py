@@ -48,26 +48,17 @@ def _slice(batch: dict[str, torch.Tensor], start: int, size: int) -> dict[str, t
 def layouts_on_two_ranks(work: str, layouts: dict[str, dict]) -> dict[str, list[dict]]:
     """Train STEPS steps in each layout with every diagnostic on; rank 0 returns the diagnostics records."""
     from neox.checkpoint import layout_state
-    from neox.train.objectives import LanguageModelObjective
-    from neox.parallel.materialize import meta_model
     from neox.parallel.runtime import all_reduce_mean
-    from neox.parallel.topology import build_topology
+    from neox.parallel.testing import shared_config
     from neox.train.diagnostics import build_diagnostics
-    from neox.train.engine import build_train_engine
+    from neox.train.objectives import LanguageModelObjective
+    from tests.distributed.trainer_engine import trainer_engine
 
     rank = torch.distributed.get_rank()
     out: dict[str, list[dict]] = {}
     for name, extra in layouts.items():
-        path = Path(work) / f"{name}.yml"
-        if rank == 0:
-            path.write_text(yaml.safe_dump({**MODEL, "num_gpus": 2, **extra}))
-        torch.distributed.barrier()
-        cfg = load_config([path], vocab_size=VOCAB)
-        topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
-        torch.manual_seed(0)
-        model = meta_model(cfg.model) if cfg.parallel.is_model_parallel else GPTNeoX(cfg.model)
-        train_engine = build_train_engine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
-        train_engine.engine.train()
+        cfg = shared_config(Path(work) / f"{name}.yml", {**MODEL, "num_gpus": 2, **extra}, VOCAB)
+        topo, train_engine = trainer_engine(cfg, LanguageModelObjective())
         diagnostics = build_diagnostics(cfg.log, train_engine.engine, topo,
                                         layout_state.param_names_of(train_engine), cfg.train.train_batch_size)
         names = layout_state.param_names_of(train_engine)

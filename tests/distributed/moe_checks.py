@@ -10,8 +10,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import yaml
 
 from neox.model import GPTNeoX, causal_lm_loss
 from neox.model.moe import load_balancing_loss, moe_blocks, z_loss
@@ -87,17 +85,13 @@ def reference_step(cfg_model) -> dict:
 
 
 def _engine_step(work: Path, name: str, layout: dict) -> dict:
-    from neox.config import load_config
+    from neox.parallel.testing import shared_config
     from neox.parallel.topology import topology_for
     from neox.train.engine import build_train_engine
     from neox.train.moe_metrics import MoEMetrics
     from neox.train.objectives import LanguageModelObjective
 
-    path = work / f"{name}.yml"
-    if dist.get_rank() == 0:
-        path.write_text(yaml.safe_dump({**ENGINE_MODEL, **layout}))
-    dist.barrier()
-    cfg = load_config([path], vocab_size=VOCAB)
+    cfg = shared_config(work / f"{name}.yml", {**ENGINE_MODEL, **layout}, VOCAB)
     torch.manual_seed(5)
     model = GPTNeoX(cfg.model)
     topo = topology_for(cfg.parallel)

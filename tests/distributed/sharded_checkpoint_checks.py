@@ -80,22 +80,12 @@ def peak_extra_bytes(fn):
 
 def _engine(work: Path, name: str):
     from neox.checkpoint import layout_state
-    from neox.model import GPTNeoX
-    from neox.parallel.materialize import meta_model
-    from neox.parallel.topology import build_topology
-    from neox.train.engine import build_train_engine
+    from neox.parallel.testing import shared_config
     from neox.train.objectives import LanguageModelObjective
+    from tests.distributed.trainer_engine import trainer_engine
 
-    path = work / f"{name}.yml"
-    if dist.get_rank() == 0:
-        path.write_text(yaml.safe_dump({**MODEL, **LAYOUTS[name]}))
-    dist.barrier()
-    cfg = load_config([path], vocab_size=VOCAB)
-    topo = build_topology(cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size)
-    torch.manual_seed(0)
-    model = meta_model(cfg.model) if cfg.parallel.is_model_parallel else GPTNeoX(cfg.model)
-    train_engine = build_train_engine(cfg, model, torch.device("cpu"), topo, LanguageModelObjective())
-    train_engine.engine.train()
+    cfg = shared_config(work / f"{name}.yml", {**MODEL, **LAYOUTS[name]}, VOCAB)
+    topo, train_engine = trainer_engine(cfg, LanguageModelObjective())
     return cfg, topo, train_engine, layout_state.param_names_of(train_engine)
 
 
