@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import struct
 import sys
 import termios
@@ -27,6 +28,8 @@ from neox.parallel import rank_status
 RANKS_DIR_NAME = "ranks"
 HEADER_PREFIX = "==== neox rank "
 TAIL_LINES = 12
+_PARTIAL_LINE_WAIT = 0.25  # seconds a line without its end waits for the rest before the log gets it alone
+_MAX_PARTIAL_LINE = 1 << 16
 # Messages of collectives that failed because a peer went away or stopped answering (gloo and NCCL): a rank that
 # ends with one of them is a victim of another rank's death, not its cause.
 _LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
@@ -64,28 +67,52 @@ class _Tee:
         self.thread.start()
 
     def _copy(self) -> None:
-        while chunk := os.read(self.read_end, 65536):
+        # The console gets every chunk at once; the log gets whole lines, because stdout and stderr share it and
+        # an unbuffered print() writes its text and its newline in two calls that the other stream can split.
+        # A partial line (a prompt, a progress bar) is written alone once nothing follows it for a moment.
+        pending = b""
+        while True:
+            if not select.select([self.read_end], [], [], _PARTIAL_LINE_WAIT if pending else None)[0]:
+                self._to_log(pending)
+                pending = b""
+                self.copying = False
+                continue
+            # Set before the read empties the pipe: drain() then never sees bytes that are in neither place.
             self.copying = True
+            chunk = os.read(self.read_end, 65536)
+            if not chunk:
+                break
             _write_all(self.original, chunk)
-            with self.lock:
-                _write_all(self.log_fd, chunk)
-            self.copying = False
+            pending += chunk
+            cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+            if len(pending) > _MAX_PARTIAL_LINE:
+                cut = len(pending)
+            if cut:
+                self._to_log(pending[:cut])
+                pending = pending[cut:]
+            self.copying = bool(pending)
+        if pending:
+            self._to_log(pending)
+        self.copying = False
+
+    def _to_log(self, data: bytes) -> None:
+        with self.lock:
+            _write_all(self.log_fd, data)
 
     def drain(self, timeout: float = 2.0) -> None:
         """Wait until everything written so far is copied."""
         deadline = time.monotonic() + timeout
-        while (self.copying or _unread_bytes(self.read_end)) and time.monotonic() < deadline:
+        # The pipe first, then the flag: a chunk leaves the pipe only after the flag is up.
+        while (_unread_bytes(self.read_end) or self.copying) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def restore(self) -> None:
-        """Point fd back at its destination. Processes this rank started (data-loader workers) may hold the pipe
-        open, so the thread is not joined: it is a daemon, copying whatever they still write."""
+        """Point fd back at its destination once everything this rank wrote is copied. Not waiting for the pipe's
+        end: processes this rank started (data-loader workers) and libraries that saved a copy of the descriptor
+        and never closed it (DeepSpeed's op builder, around its compiler probes) keep it open until the process
+        exits; the thread is a daemon and copies whatever they still write."""
         os.dup2(self.original, self.fd)
-        # That closed our last write end of the pipe: the thread reads EOF once it has copied everything. Polling
-        # alone could miss a chunk read but not yet written; drain() covers workers still holding the pipe open.
-        self.thread.join(timeout=2.0)
-        if self.thread.is_alive():
-            self.drain()
+        self.drain()
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

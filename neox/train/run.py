@@ -10,7 +10,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +135,9 @@ class Trainer:
         self.load_tag = self._checkpoint_to_load(Path(train.load)) if train.load else None
         rank_status.enter("building the datasets")
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
+        # Evaluations read the validation set one after another: one reader serves them all, so its workers are
+        # started (forked) once per run rather than at every evaluation. (valid-set cursor it is at, reader)
+        self._valid_reader: tuple[int, Iterator] | None = None
         self.do_train = self._phase("do_train", self.train_ds is not None and train.train_iters > 0,
                                     "there is nothing to train (no train data, or train_iters 0)")
         self.do_valid = self._phase("do_valid", self.valid_ds is not None and train.eval_iters > 0,
@@ -484,20 +487,27 @@ class Trainer:
         return float(mean_loss), (None if grad_norm is None else float(grad_norm))
 
     @torch.no_grad()
-    def evaluate(self, dataset, consumed: int, iters: int) -> float:
+    def evaluate(self, data_iter: Iterator, iters: int) -> float:
         rank_status.enter(f"evaluation at step {self.progress.iteration}")
         self.engine.eval()
         if self.curriculum is not None:
             self.curriculum.full_length(self.engine)  # gpt-neox evaluates full-length batches
-        data_iter = self._loader(dataset, consumed)
         loss = self.train_engine.eval_loss(data_iter, iters, self.grad_accum)  # each global batch's token mean
         self.engine.train()
         return float(all_reduce_mean(loss.float()))
 
+    def _valid_batches(self, consumed: int, iters: int) -> Iterator:
+        """The validation reader at cursor consumed, left at the cursor of the next evaluation."""
+        if self._valid_reader is None or self._valid_reader[0] != consumed:
+            self._valid_reader = (consumed, self._loader(self.valid_ds, consumed))
+        reader = self._valid_reader[1]
+        self._valid_reader = (consumed + iters * self.global_batch, reader)
+        return reader
+
     def validate(self) -> dict:
         train = self.cfg.train
         consumed = eval_consumed_samples(self.progress.evaluations_done, train.eval_iters, self.global_batch)
-        loss = self.evaluate(self.valid_ds, consumed, train.eval_iters)
+        loss = self.evaluate(self._valid_batches(consumed, train.eval_iters), train.eval_iters)
         self.progress.evaluations_done += 1
         record = {"iteration": self.progress.iteration, "valid_loss": loss, "valid_ppl": _ppl(loss)}
         if self.cfg.data.char_level_ppl:
@@ -594,7 +604,7 @@ class Trainer:
             self.save()
         self.saver.wait()
         if self.do_test:
-            loss = self.evaluate(self.test_ds, 0, train.eval_iters)
+            loss = self.evaluate(self._loader(self.test_ds, 0), train.eval_iters)
             record = {"iteration": it, "test_loss": loss, "test_ppl": _ppl(loss)}
             if self.cfg.data.char_level_ppl:
                 record["test_char_level_ppl"] = self._char_level_ppl(self.test_ds, 0, train.eval_iters, loss)

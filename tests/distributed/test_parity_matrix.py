@@ -75,6 +75,7 @@ def test_layout_trains_like_one_rank(work, model_config, reference, layout):
     # The clipped global norm counts tp-replicated parameters and a pipeline's tied embedding once.
     norm_diff = max(_relative(r["grad_norm"], ref["grad_norm"]) for r, ref in zip(records, ref_records))
     assert norm_diff < 1e-4, f"grad_norm differs by {norm_diff:.2e}"
+    assert [r["consumed_samples"] for r in records] == [8 * i for i in range(1, 21)]  # global batch 8 per step
     for r in records:
         assert r["tokens_per_sec_per_rank"] == pytest.approx(r["tokens_per_sec"] / ranks)
     valid = [r["valid_loss"] for r in launch.records() if "valid_loss" in r]

@@ -117,9 +117,10 @@ def test_a_hung_rank_times_out_the_collectives_instead_of_hanging(work, model_co
           f"ended {time.monotonic() - stopped_at:.1f} s after (exit code {code})")
     assert code != 0 and 8 < timed_out < 30  # 9 s from the start of the wait, which may precede the stop a little
     assert record["lost_peer"] and "Timed out" in record["error"], record
-    # The collective rank 0 waited in, with its group and the line that called it, and the step.
+    # The collective rank 0 waited in, with its group and the line that called it, and the step: step 3 itself when
+    # rank 1 stopped before its end-of-step flag all-reduce (rank 0 logs iteration 3 before that one).
     step = int(record["phase"].removeprefix("training step "))
-    assert step >= 4 and re.fullmatch(r"\w+ over (ranks 0, 1|the world group \(2 ranks\)), called at .+:\d+ \(\w+\)",
+    assert step >= 3 and re.fullmatch(r"\w+ over (ranks 0, 1|the world group \(2 ranks\)), called at .+:\d+ \(\w+\)",
                                       record["blocked_in"]), record
     report = output[output.index("deepy: the job failed"):]
     assert re.search(r"rank 1 died without an exit record: .*; it was in training step (\d+) for \d+ s\. Last lines",

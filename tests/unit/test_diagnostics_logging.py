@@ -9,6 +9,7 @@ import json
 import math
 import struct
 import subprocess
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -138,6 +139,8 @@ def _wandb_records(run_file: Path) -> list:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -145,6 +148,18 @@ def _wandb_records(run_file: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def _finished_run_records(sink: WandbSink, timeout: float = 60.0) -> list:
+    """The run's records once its exit record is written: wandb's service may still be writing the file after
+    run.finish() returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(_run_file(sink))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"no exit record in {_run_file(sink)} after {timeout} s"
+        time.sleep(0.1)
 
 
 def test_wandb_offline_run_has_group_team_name_host_and_metrics(tmp_path, monkeypatch):
@@ -158,7 +173,7 @@ def test_wandb_offline_run_has_group_team_name_host_and_metrics(tmp_path, monkey
     assert wandb_sink.run.settings.base_url == "https://wandb.example.org"
     sinks.write({"iteration": 1, "gradient_norms/head.weight": 0.25, "noise_scale": 12.5})
     sinks.close()
-    records = _wandb_records(_run_file(wandb_sink))
+    records = _finished_run_records(wandb_sink)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.run_group, run.entity, run.display_name) == ("neox-test", "ablations", "my-team", "run-7")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
@@ -183,7 +198,7 @@ def test_wandb_init_all_ranks_gives_other_ranks_a_run_in_the_shared_group(tmp_pa
     (wandb_sink,) = sinks._sinks
     sinks.write({"iteration": 1, "lm_loss": 2.0})  # rank 0's run gets the metrics, not this one
     sinks.close()
-    records = _wandb_records(_run_file(wandb_sink))
+    records = _finished_run_records(wandb_sink)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_group, run.display_name) == (group, "tiny-rank1")
     assert json.loads({i.key: i.value_json for i in run.config.update}["rank"]) == 1

@@ -72,18 +72,19 @@ def test_unusable_launcher_variables_name_what_is_wrong(env, message):
         torch_rank_env(env)
 
 
-def test_mpirun_ranks_without_master_addr_ask_rank0_over_mpi():
+def test_mpirun_ranks_without_master_addr_ask_rank0_over_mpi(tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed: tools/setup_system.sh installs openmpi-bin (it needs root and apt-get)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    program = ("import json, os; from neox.parallel.launcher_env import torch_rank_env; "
-               "print(json.dumps(torch_rank_env(os.environ)))")
-    result = subprocess.run(["mpirun", "-n", "2", sys.executable, "-c", program], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=REPO_ROOT)
+    # A file per rank: mpirun forwards the ranks' stdout without keeping their lines apart.
+    program = ("import json, os, sys; from pathlib import Path; from neox.parallel.launcher_env import torch_rank_env; "
+               "Path(sys.argv[1], os.environ['OMPI_COMM_WORLD_RANK'] + '.json')"
+               ".write_text(json.dumps(torch_rank_env(os.environ)))")
+    result = subprocess.run(["mpirun", "-n", "2", sys.executable, "-c", program, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
-    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                   key=lambda r: r["RANK"])
+    ranks = sorted((json.loads(p.read_text()) for p in tmp_path.glob("*.json")), key=lambda r: r["RANK"])
     own = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
     assert [r["RANK"] for r in ranks] == ["0", "1"] and [r["LOCAL_RANK"] for r in ranks] == ["0", "1"]
     assert {r["WORLD_SIZE"] for r in ranks} == {"2"} and {r["MASTER_PORT"] for r in ranks} == {"29500"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,61 @@ def test_rank_log_tees_both_streams_and_records_the_end(tmp_path, mode):
         assert (record["code"], record["error"], record["lost_peer"]) == (1, "ValueError: bad thing", False)
         assert "from python\n" in log and "Traceback (most recent call last):" in log  # the traceback too
         assert log.rstrip().endswith("ValueError: bad thing")
+
+
+_INTERLEAVED_CHILD = """
+import os, sys
+from pathlib import Path
+from neox.train.rank_log import RankLog
+with RankLog(Path(sys.argv[1]), 0):
+    for i in range(300):
+        print(f"stdout line {i}")  # unbuffered: the text and its newline are two writes
+        os.write(2, f"stderr line {i}\\n".encode())
+    sys.stdout.write("no newline at the end")
+"""
+
+
+def test_rank_log_keeps_lines_of_the_two_streams_whole(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-c", _INTERLEAVED_CHILD, str(tmp_path)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = rank_log.log_path(tmp_path, 0).read_text().splitlines()[1:]
+    expected = {f"{stream} line {i}" for stream in ("stdout", "stderr") for i in range(300)}
+    assert set(lines) == expected | {"no newline at the end"} and len(lines) == len(expected) + 1
+    assert [line for line in lines if line.startswith("stdout")] == [f"stdout line {i}" for i in range(300)]
+
+
+_HELD_PIPE_CHILD = """
+import os, subprocess, sys, time
+from pathlib import Path
+from neox.train.rank_log import RankLog, log_path
+# A process the rank started (as a data-loader worker) and a copy of stderr a library never closed (as DeepSpeed's
+# op builder leaves one) both hold the log's pipes open after the rank's code has ended.
+with RankLog(Path(sys.argv[1]), 0):
+    helper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); print('from the helper')"],
+                              stdin=subprocess.PIPE)
+    leaked = os.dup(2)
+    print("the rank's last line", flush=True)
+    started = time.monotonic()
+ended = time.monotonic() - started
+print(f"helper alive after the exit: {helper.poll() is None}; exit took {ended:.2f} s", flush=True)
+helper.communicate(b"go\\n")
+deadline = time.monotonic() + 60
+while "from the helper" not in log_path(Path(sys.argv[1]), 0).read_text() and time.monotonic() < deadline:
+    time.sleep(0.02)
+"""
+
+
+def test_rank_log_ends_without_waiting_for_processes_that_hold_its_pipes(tmp_path):
+    result = subprocess.run([sys.executable, "-c", _HELD_PIPE_CHILD, str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    alive, took = re.search(r"helper alive after the exit: (\w+); exit took ([\d.]+) s", result.stdout).groups()
+    # Waiting for the pipes' end took 2 s per stream (a join that timed out) before the rank could exit.
+    assert alive == "True" and float(took) < 1.5, result.stdout
+    log = rank_log.log_path(tmp_path, 0).read_text()
+    assert "the rank's last line\n" in log and "from the helper\n" in log  # the helper's line, after the exit too
 
 
 def _write_rank(directory: Path, rank: int, lines: list[str], record: dict | None) -> None:
