@@ -136,8 +136,8 @@ class Trainer:
         rank_status.enter("building the datasets")
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         # Evaluations read the validation set one after another: one reader serves them all, so its workers are
-        # started (forked) once per run rather than at every evaluation. (valid-set cursor it is at, reader)
-        self._valid_reader: tuple[int, Iterator] | None = None
+        # started (forked) once per run rather than at every evaluation.
+        self._valid_reader: Iterator | None = None
         self.do_train = self._phase("do_train", self.train_ds is not None and train.train_iters > 0,
                                     "there is nothing to train (no train data, or train_iters 0)")
         self.do_valid = self._phase("do_valid", self.valid_ds is not None and train.eval_iters > 0,
@@ -496,18 +496,17 @@ class Trainer:
         self.engine.train()
         return float(all_reduce_mean(loss.float()))
 
-    def _valid_batches(self, consumed: int, iters: int) -> Iterator:
-        """The validation reader at cursor consumed, left at the cursor of the next evaluation."""
-        if self._valid_reader is None or self._valid_reader[0] != consumed:
-            self._valid_reader = (consumed, self._loader(self.valid_ds, consumed))
-        reader = self._valid_reader[1]
-        self._valid_reader = (consumed + iters * self.global_batch, reader)
-        return reader
+    def _valid_batches(self, consumed: int) -> Iterator:
+        """The validation reader, made at this process's first evaluation's cursor (consumed): each evaluation reads
+        exactly eval_iters global batches, so it stays at eval_consumed_samples of the next one."""
+        if self._valid_reader is None:
+            self._valid_reader = self._loader(self.valid_ds, consumed)
+        return self._valid_reader
 
     def validate(self) -> dict:
         train = self.cfg.train
         consumed = eval_consumed_samples(self.progress.evaluations_done, train.eval_iters, self.global_batch)
-        loss = self.evaluate(self._valid_batches(consumed, train.eval_iters), train.eval_iters)
+        loss = self.evaluate(self._valid_batches(consumed), train.eval_iters)
         self.progress.evaluations_done += 1
         record = {"iteration": self.progress.iteration, "valid_loss": loss, "valid_ppl": _ppl(loss)}
         if self.cfg.data.char_level_ppl:
